@@ -1,0 +1,3 @@
+from immunize.cli import main
+
+raise SystemExit(main())

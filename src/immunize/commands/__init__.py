@@ -1,0 +1,1 @@
+"""One module per `immunize` subcommand: each has ``HELP`` and ``main(argv) -> int``."""

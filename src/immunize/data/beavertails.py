@@ -1,0 +1,79 @@
+"""BeaverTails harmful QA and evaluation prompts.
+
+Each QA row keeps its own 14-way category dict: categories are read from the same JSON object as
+the prompt and response, so they cannot drift out of alignment with the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from immunize.data.readers import load_rows, require
+from immunize.errors import ImmunizeError
+
+CATEGORIES: tuple[str, ...] = (
+    "animal_abuse",
+    "child_abuse",
+    "controversial_topics,politics",
+    "discrimination,stereotype,injustice",
+    "drug_abuse,weapons,banned_substance",
+    "financial_crime,property_crime,theft",
+    "hate_speech,offensive_language",
+    "misinformation_regarding_ethics,laws_and_safety",
+    "non_violent_unethical_behavior",
+    "privacy_violation",
+    "self_harm",
+    "sexually_explicit,adult_content",
+    "terrorism,organized_crime",
+    "violence,aiding_and_abetting,incitement",
+)
+QA_FILE = "beavertails/qa.jsonl"
+EVAL_FILE = "beavertails/eval_prompts.jsonl"
+
+
+@dataclass(frozen=True)
+class QARow:
+    prompt: str
+    response: str
+    categories: tuple[str, ...]  # the categories flagged true for this row, in CATEGORIES order
+    is_safe: bool
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    prompt: str
+    category: str
+
+
+def _qa_row(raw: dict, where: str) -> QARow:
+    require(raw, ("prompt", "response", "category", "is_safe"), where)
+    cats = raw["category"]
+    if not isinstance(cats, dict):
+        raise ImmunizeError(f"{where}: 'category' must be a dict of the 14 BeaverTails categories to booleans")
+    unknown = set(cats) - set(CATEGORIES)
+    if unknown:
+        raise ImmunizeError(f"{where}: unknown categor{'y' if len(unknown) == 1 else 'ies'} {sorted(unknown)}")
+    return QARow(
+        prompt=str(raw["prompt"]),
+        response=str(raw["response"]),
+        categories=tuple(c for c in CATEGORIES if cats.get(c)),
+        is_safe=bool(raw["is_safe"]),
+    )
+
+
+def load_qa(source=None, *, root=None, split: str = "30k_train") -> list[QARow]:
+    rows = load_rows(source, QA_FILE, root=root, split=split)
+    name = source or QA_FILE
+    return [_qa_row(raw, f"{name}: row {i + 1}") for i, raw in enumerate(rows)]
+
+
+def load_eval_prompts(source=None, *, root=None, split: str = "test") -> list[EvalPrompt]:
+    rows = load_rows(source, EVAL_FILE, root=root, split=split)
+    name = source or EVAL_FILE
+    out = []
+    for i, raw in enumerate(rows):
+        require(raw, ("prompt", "category"), f"{name}: row {i + 1}")
+        if raw["category"] not in CATEGORIES:
+            raise ImmunizeError(f"{name}: row {i + 1}: unknown category {raw['category']!r}")
+        out.append(EvalPrompt(prompt=str(raw["prompt"]), category=str(raw["category"])))
+    return out
