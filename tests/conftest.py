@@ -1,0 +1,56 @@
+"""Shared fixtures. Offline mode is set before anything imports transformers."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from immunize.paths import data_root as _data_root  # noqa: E402
+
+REAL_DATA = _data_root(must_exist=False)
+
+
+@pytest.fixture(scope="session")
+def real_data_root() -> Path:
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"data root {REAL_DATA} not present")
+    return REAL_DATA
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("IMMUNIZE_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def small_data_root(tmp_path, real_data_root) -> Path:
+    """A writable copy of the small files of the data root (for malformed-input tests)."""
+    root = tmp_path / "data"
+    for rel in ("beavertails/eval_prompts.jsonl", "refusals/adv_training_behaviors_safe_responses.csv",
+                "tasks/viggo/valid.csv"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(real_data_root / rel, root / rel)
+    qa = (real_data_root / "beavertails/qa.jsonl").read_text().splitlines()[:200]
+    (root / "beavertails/qa.jsonl").write_text("\n".join(qa) + "\n")
+    manifest = json.loads((real_data_root / "MANIFEST.json").read_text())
+    (root / "MANIFEST.json").write_text(json.dumps({k: v for k, v in manifest.items()
+                                                    if (root / k).is_file()}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from immunize.testing import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama")
