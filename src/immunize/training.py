@@ -52,10 +52,9 @@ class ImmunizeTrainingArguments(TrainingArguments):
     merge_lora: bool = field(default=True, metadata={"help": "save LoRA merged into the base weights"})
     keep_checkpoints: bool = field(default=False, metadata={"help": "keep intermediate checkpoints after success"})
 
-    # Defaults that suit this project better than Trainer's: no external loggers, frequent logs,
+    # Defaults that suit this project better than Trainer's: frequent logs,
     # columns kept (our datasets are lists of feature dicts), one rolling checkpoint for resume.
     output_dir: str = field(default="runs/train", metadata={"help": "where checkpoints and the final model go"})
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "loggers (none, tensorboard, wandb)"})
     logging_steps: float = field(default=1, metadata={"help": "log every N steps"})
     save_steps: float = field(default=50, metadata={"help": "checkpoint every N steps (for resume)"})
     save_total_limit: int | None = field(default=1, metadata={"help": "checkpoints kept on disk"})
