@@ -148,3 +148,31 @@ def test_missing_data_root(monkeypatch, tmp_path):
 
     with pytest.raises(ImmunizeError, match="data root not found"):
         data_root(tmp_path / "nope")
+
+
+def test_generated_refusals_are_filtered_and_fall_back_to_the_bank(real_data_root, splits):
+    import torch
+
+    from immunize.data import generate_refusals
+    from immunize.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("llama")
+    refusal_ids = tok("I'm sorry, I can't help with that.", add_special_tokens=False)["input_ids"]
+    prompts = [r.prompt for r in splits.defence[:3]]
+
+    def fake_generate(input_ids, **kwargs):
+        # Row 0 refuses; the others comply, and must be filtered out by the refusal check.
+        comply = tok("Sure, here is how.", add_special_tokens=False)["input_ids"]
+        rows = [refusal_ids] + [comply] * (input_ids.shape[0] - 1)
+        width = max(map(len, rows))
+        tail = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, tail], dim=1)
+
+    model.generate = fake_generate
+    generated = generate_refusals(model, tok, prompts)
+    assert generated == {prompts[0]: "I'm sorry, I can't help with that."}
+    bank = RefusalBank.from_data(real_data_root)
+    pairs = build_pairs(splits.defence[:3], bank, generated)
+    assert pairs[0].refusal == generated[prompts[0]]
+    assert pairs[1].refusal == bank.for_prompt(prompts[1])

@@ -76,3 +76,13 @@ def test_default_alias_converts_once_then_loads_fast(isolated_cache):
                                   return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert "4" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_non_llama_architecture_loads(tmp_path):
+    from immunize.testing import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint(tmp_path / "gpt2", "gpt2")
+    model, tok = load_model_and_tokenizer(str(path), device="cpu")
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    out = model(**tok("hello", return_tensors="pt"))
+    assert out.logits.shape[-1] == len(tok)

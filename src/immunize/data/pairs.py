@@ -18,8 +18,12 @@ class HarmfulPair:
     categories: tuple[str, ...]
 
 
-def build_pairs(rows: Sequence[QARow], bank: RefusalBank) -> list[HarmfulPair]:
-    pairs = [HarmfulPair(r.prompt, r.response, bank.for_prompt(r.prompt), r.categories)
+def build_pairs(rows: Sequence[QARow], bank: RefusalBank,
+                generated: dict[str, str] | None = None) -> list[HarmfulPair]:
+    """Pair each unsafe row with a refusal: a model-generated one where ``generated`` has it
+    (see ``generate_refusals``), otherwise one drawn from the bank."""
+    generated = generated or {}
+    pairs = [HarmfulPair(r.prompt, r.response, generated.get(r.prompt) or bank.for_prompt(r.prompt), r.categories)
              for r in rows if not r.is_safe]
     if not pairs:
         raise ImmunizeError("no harmful rows to pair with refusals (all rows are marked safe)")

@@ -1,0 +1,1 @@
+"""`immunize run`: the whole experiment (align → defend → attack → evaluate → explain → report)."""
