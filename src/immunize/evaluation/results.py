@@ -1,0 +1,120 @@
+"""Result files: a versioned JSON document per section, written atomically, reused by key.
+
+Layout of an output directory::
+
+    <output_dir>/<section>.json            one result per section (schema below)
+    <output_dir>/generations/<section>.jsonl   per-example records (answers with their scores)
+    <output_dir>/summary.json              headline numbers of every section, and their keys
+    <output_dir>/config.yaml, provenance.json  the resolved config and the environment
+
+The per-example file is written before the section's JSON, and the JSON is the completion
+marker: a section whose JSON exists with the same key is finished and is not recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from immunize.config import fingerprint, git_revision, package_versions
+from immunize.io import atomic_write_json, atomic_write_jsonl
+
+SCHEMA = "immunize.evaluation"
+SCHEMA_VERSION = 1
+
+
+def section_key(
+    *,
+    section: str,
+    model_fingerprint: str,
+    judges: dict[str, str],
+    options: dict[str, Any],
+    inputs_fingerprint: str,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """The identity of one evaluation: same key, same result (up to floating-point noise)."""
+    return fingerprint(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "section": section,
+            "model": model_fingerprint,
+            "judges": judges,
+            "options": options,
+            "inputs": inputs_fingerprint,
+            "extra": extra or {},
+        }
+    )
+
+
+def result_path(output_dir: str | Path, section: str) -> Path:
+    return Path(output_dir) / f"{section}.json"
+
+
+def generations_path(output_dir: str | Path, section: str) -> Path:
+    return Path(output_dir) / "generations" / f"{section}.jsonl"
+
+
+def load_matching(output_dir: str | Path, section: str, key: str) -> dict | None:
+    """The stored result of ``section`` if it has ``key`` and the current schema; else None."""
+    path = result_path(output_dir, section)
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # unreadable: recompute and replace it
+    if (
+        not isinstance(stored, dict)
+        or stored.get("schema_version") != SCHEMA_VERSION
+        or stored.get("key") != key
+    ):
+        return None
+    rows = stored.get("generations")
+    if rows and not (Path(output_dir) / rows).is_file():
+        return None
+    return stored
+
+
+def write_result(
+    output_dir: str | Path,
+    section: str,
+    *,
+    key: str,
+    model: dict[str, Any],
+    judges: dict[str, Any],
+    options: dict[str, Any],
+    inputs_fingerprint: str,
+    metrics: dict[str, Any],
+    breakdown: dict[str, Any],
+    details: dict[str, Any],
+    rows: list[dict] | None,
+    seconds: float,
+) -> dict[str, Any]:
+    output_dir = Path(output_dir)
+    relative = None
+    if rows is not None:
+        path = generations_path(output_dir, section)
+        atomic_write_jsonl(path, rows)
+        relative = str(path.relative_to(output_dir))
+    document = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "section": section,
+        "key": key,
+        "model": model,
+        "judges": judges,
+        "config": options,
+        "inputs_fingerprint": inputs_fingerprint,
+        "metrics": metrics,
+        "breakdown": breakdown,
+        "details": details,
+        "generations": relative,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(seconds, 2),
+        "git_revision": git_revision(),
+        "versions": package_versions(),
+    }
+    atomic_write_json(result_path(output_dir, section), document)
+    return document
