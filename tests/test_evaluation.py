@@ -120,6 +120,18 @@ def test_suite_fills_only_unset_options():
         EvaluationConfig(harmfulness_samples=-1)
 
 
+def test_harmful_prompt_sources(real_data_root):
+    from immunize.data import load_splits
+    from immunize.evaluation import load_harmful_prompts
+
+    both = load_harmful_prompts("both", 3, root=real_data_root)
+    assert [p.source for p in both] == ["beavertails"] * 3 + ["advbench"] * 3
+    assert all(p.category == "advbench" for p in both[3:])
+    held_out = {e.prompt for e in load_splits(root=real_data_root).eval}
+    assert all(p.prompt in held_out for p in both[:3])
+    assert len(load_harmful_prompts("advbench", 0, root=real_data_root)) == 520
+
+
 # --- judges ------------------------------------------------------------------------------------------
 
 
@@ -202,7 +214,9 @@ def test_results_schema_and_reuse(tiny_checkpoint, real_data_root, isolated_cach
         output_dir=out,
         judges=fake_judges(scale=20.0),
     )
-    assert not any(s["reused"] for s in forced["sections"].values())
+    assert not forced["sections"]["toxicity"]["reused"] and not forced["sections"]["overrefusal"]["reused"]
+    # The section this run did not select stays in the summary, marked as such.
+    assert forced["sections"]["harmfulness"]["selected"] is False
     assert json.loads((out / "toxicity.json").read_text())["section"] == "toxicity"
 
 

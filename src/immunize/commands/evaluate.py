@@ -14,6 +14,10 @@ HELP = "evaluate a model: harmfulness, refusals, toxicity, capability, perplexit
 
 
 def main(argv: list[str]) -> int:
+    import os
+
+    # The harness loads its tasks through `datasets`: local JSON files only, never the hub.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from immunize.evaluation.config import EvaluationConfig
 
     (cfg,) = parse_config([EvaluationConfig], argv, prog="immunize evaluate", description=HELP)

@@ -34,7 +34,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "toxicity_max_new_tokens": 32,
         "mmlu_subjects": QUICK_MMLU_SUBJECTS,
         "mmlu_num_fewshot": 0,
-        "capability_limit": 16,
+        "capability_limit": 10,
         "perplexity_samples": 32,
         "trainability_tasks": "viggo,e2e",
         "trainability_steps": 6,

@@ -2,13 +2,33 @@
 
 Layout of an output directory::
 
-    <output_dir>/<section>.json            one result per section (schema below)
+    <output_dir>/<section>.json                one result per section (schema below)
     <output_dir>/generations/<section>.jsonl   per-example records (answers with their scores)
-    <output_dir>/summary.json              headline numbers of every section, and their keys
+    <output_dir>/summary.json                  headline numbers of every section, and their keys
     <output_dir>/config.yaml, provenance.json  the resolved config and the environment
 
 The per-example file is written before the section's JSON, and the JSON is the completion
 marker: a section whose JSON exists with the same key is finished and is not recomputed.
+
+Schema ``immunize.evaluation`` version 1 (``<section>.json``):
+
+- ``schema``, ``schema_version``: ``"immunize.evaluation"``, ``1``;
+- ``section``: harmfulness, overrefusal, toxicity, capability, perplexity or trainability;
+- ``key``: 16 hex digits, the hash of (schema version, section, model fingerprint, judge names
+  and fingerprints, ``config``, ``inputs_fingerprint``, section extras such as the reference
+  model's fingerprint); equal keys mean the same evaluation;
+- ``model``: ``{"name", "fingerprint"}`` (``immunize.models.model_fingerprint``, or
+  ``weights:<hash>`` of an in-memory model's tensors);
+- ``judges``: per role, ``{"name", "fingerprint", "threshold", "requested", "fallback_reason"}``;
+- ``config``: the options that define the section (sizes, formats, seed, ...);
+- ``inputs_fingerprint``: hash of the exact prompts/documents evaluated;
+- ``metrics``: ``{name: {"value", "ci95": [low, high], "n"}}`` (seeded percentile bootstrap);
+- ``breakdown``: per category/source/subject/task, same metric shape;
+- ``details``: section-specific extras (generation lengths, harness output, training losses);
+- ``generations``: path of the per-example JSONL relative to the output directory, or null;
+- ``created``, ``seconds``, ``git_revision``, ``versions``: provenance.
+
+A reader should check ``schema_version``; fields are only ever added within a version.
 """
 
 from __future__ import annotations

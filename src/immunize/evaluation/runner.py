@@ -8,6 +8,7 @@ order, and writes one result per section plus ``summary.json``.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -121,6 +122,15 @@ class EvaluationContext:
                 self._model_fingerprint = model_fingerprint(self.config.model)
         return self._model_fingerprint
 
+    @property
+    def dtype(self) -> str:
+        """The weights' dtype (it changes the numbers, so it is part of every key)."""
+        if self._model is not None:
+            return str(next(self._model.parameters()).dtype)
+        from immunize.models import choose_device, choose_dtype
+
+        return str(choose_dtype(self.config.dtype, choose_device(self.config.device)))
+
     @cached_property
     def data_root(self) -> Path:
         return data_root(self.config.data_root)
@@ -178,7 +188,7 @@ def run_section(section: Section, ctx: EvaluationContext) -> tuple[dict[str, Any
         judges={role: [r["name"], r["fingerprint"]] for role, r in judge_records.items()},
         options=options,
         inputs_fingerprint=inputs_fp,
-        extra=section.extra_key(ctx),
+        extra={"dtype": ctx.dtype, **section.extra_key(ctx)},
     )
     if not cfg.force and (stored := load_matching(ctx.output_dir, section.name, key)):
         ctx.say(f"[{section.name}] reusing {result_path(ctx.output_dir, section.name)} (key {key})")
@@ -241,6 +251,8 @@ def evaluate(
     in the config; ``model_fingerprint`` saves hashing the weights of an in-memory model.
     """
     config = config or EvaluationConfig()
+    if model is not None and not isinstance(model, str) and tokenizer is None:
+        raise ImmunizeError("evaluate(): pass the tokenizer along with an already-loaded model")
     if isinstance(model, str):
         config = EvaluationConfig(**{**config_to_dict(config), "model": model})
         model = None
@@ -277,9 +289,27 @@ def evaluate(
             "file": result_path(out, name).name,
             "key": document["key"],
             "reused": reused,
+            "selected": True,
             "seconds": document["seconds"],
             "metrics": headline(section, document),
         }
     summary["seconds"] = round(time.perf_counter() - start, 2)
+    # Sections of this model evaluated by earlier runs into the same directory stay in the summary.
+    for name in SECTIONS:
+        if name in summary["sections"] or not result_path(out, name).is_file():
+            continue
+        try:
+            document = json.loads(result_path(out, name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if document.get("schema_version") == SCHEMA_VERSION and document.get("model") == summary["model"]:
+            summary["sections"][name] = {
+                "file": result_path(out, name).name,
+                "key": document["key"],
+                "reused": True,
+                "selected": False,
+                "seconds": document["seconds"],
+                "metrics": headline(get_section(name), document),
+            }
     atomic_write_json(out / "summary.json", summary)
     return summary

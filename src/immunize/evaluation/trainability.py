@@ -97,6 +97,8 @@ def finetune_and_score(
     generation_batch_size: int = 32,
 ) -> dict[str, Any]:
     """Fine-tune a copy of ``model`` on ``data["train"]``; ROUGE on ``data["test"]`` before and after."""
+    from transformers.trainer_callback import PrinterCallback
+
     from immunize.prompts import CausalLMCollator
     from immunize.training import GuardedTrainer, ImmunizeTrainingArguments, tokenize_pairs
 
@@ -131,6 +133,8 @@ def finetune_and_score(
             trainer = GuardedTrainer(
                 model=student, args=args, train_dataset=features, data_collator=CausalLMCollator(pad)
             )
+            # The per-step losses go into the result; printing every step's log dict is noise.
+            trainer.remove_callback(PrinterCallback)
             trainer.train()
             losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
             del trainer
