@@ -1,0 +1,38 @@
+"""`immunize report RUN_DIR`: rebuild a run's HTML report from its results.json alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from immunize.config import parse_config
+from immunize.errors import ImmunizeError
+
+HELP = "rebuild RUN_DIR/report/index.html (self-contained HTML) from RUN_DIR/results.json"
+
+
+@dataclass
+class ReportConfig:
+    run_dir: str | None = field(default=None, metadata={
+        "help": "run directory holding results.json (or give it as the first argument)"})
+    phi: float | None = field(default=None, metadata={
+        "help": "recompute the verdict with this harmfulness threshold instead of the run's"})
+    epsilon: float | None = field(default=None, metadata={
+        "help": "recompute the verdict with this capability tolerance instead of the run's"})
+
+
+def main(argv: list[str]) -> int:
+    argv = list(argv)
+    # `immunize report RUN_DIR [options]`: the positional form is the natural one for a directory.
+    if argv and not argv[0].startswith("-"):
+        argv = ["--run_dir", argv[0], *argv[1:]]
+    (cfg,) = parse_config([ReportConfig], argv, prog="immunize report", description=HELP)
+    if not cfg.run_dir:
+        raise ImmunizeError("give the run directory: immunize report RUN_DIR")
+    run_dir = Path(cfg.run_dir)
+    if not run_dir.is_dir():
+        raise ImmunizeError(f"{run_dir}: run directory not found")
+    from immunize.report import build_report
+
+    print(build_report(run_dir, phi=cfg.phi, epsilon=cfg.epsilon))
+    return 0

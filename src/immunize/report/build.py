@@ -1,0 +1,667 @@
+"""Build ``RUN_DIR/report/index.html`` from ``RUN_DIR/results.json`` alone.
+
+The page is self-contained (inline CSS, figures as base64 PNG) so it opens offline and can be
+mailed as one file; the figures are also written to ``report/figures/`` as PNG and SVG. The whole
+``report/`` directory is built in a staging directory and swapped in, so a crash mid-build leaves
+the previous report intact and a rebuild leaves no stale figure behind. Every value from
+``results.json`` is HTML-escaped: model generations are adversarial text.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from immunize.io import atomic_write_bytes, atomic_write_text
+from immunize.report import figures
+from immunize.report.schema import SCHEMA_VERSION, load_results
+from immunize.verdict import NA, UNDEFENDED, immunization_verdict, thresholds
+
+SECTIONS: tuple[tuple[str, str], ...] = (
+    ("summary", "Summary"),
+    ("main-table", "Harmfulness"),
+    ("verdict", "Verdict"),
+    ("resistance-curves", "Resistance curves"),
+    ("stability", "Stability"),
+    ("trainability", "Trainability"),
+    ("depth", "Depth analysis"),
+    ("generalization", "Generalization"),
+    ("toxicity", "Toxicity"),
+    ("samples", "Sample generations"),
+    ("provenance", "Provenance"),
+)
+DEPTH_SUBSECTIONS = (("weight-distance", "Weight change per layer"), ("pca", "Representation PCA"),
+                     ("logit-lens", "Logit lens"))
+SECTION_IDS: tuple[str, ...] = (*(s for s, _ in SECTIONS), *(s for s, _ in DEPTH_SUBSECTIONS))
+SAMPLE_CHARS = 300
+
+_LEADS = {
+    "main-table": "Post-attack harmfulness in the layout of the RepNoise paper: one row per defence, one "
+                  "column per attack budget (learning rate × samples × steps).",
+    "verdict": "The four immunization conditions of Rosati et al. (2024), per defence.",
+    "stability": "Benign capability of each defended model, before any attack.",
+    "depth": "Where the defence acts: per-layer weight change, representation geometry and the logit lens.",
+    "generalization": "Post-attack harmfulness on harm categories held out from the defence's training.",
+    "toxicity": "Toxicity of the generations before any attack.",
+    "provenance": "What produced these numbers.",
+}
+_VERDICT_LEGEND = (
+    "<strong>Resistance</strong>, per budget: <em>strong</em> = harmfulness never reaches φ within the "
+    "budget; <em>weak</em> = it reaches φ, but at a later attack step than the undefended model; "
+    "<em>none</em> otherwise; the row shows the weakest budget. <strong>Stability</strong>: every "
+    "capability metric within ε of the undefended model (perplexity on a log scale). "
+    "<strong>Generalization</strong>: harmfulness on held-out harm categories stays below φ after every "
+    "attack. <strong>Trainability</strong>: ROUGE after a benign fine-tune within ε of the reference. "
+    "<em>n/a</em> = not measured in this run."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML helpers: every argument that comes from results.json goes through esc().
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def num(value: Any, digits: int = 3) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def ci_text(ci: Any, digits: int = 3) -> str:
+    if not ci or len(ci) != 2 or ci[0] is None or ci[1] is None:
+        return ""
+    return f"[{num(ci[0], digits)}, {num(ci[1], digits)}]"
+
+
+def not_run(reason: str = "") -> str:
+    detail = f" <small>— {esc(reason)}</small>" if reason else ""
+    return f'<p class="not-run">not run{detail}</p>'
+
+
+_BADGES = {"strong": "good", "pass": "good", "yes": "good", "weak": "warn", "incomplete": "warn",
+           "none": "bad", "fail": "bad", "no": "bad", NA: "na", "reference": "na"}
+
+
+def badge(status: str) -> str:
+    return f'<span class="badge b-{_BADGES.get(status, "na")}">{esc(status)}</span>'
+
+
+def th_col(text: str, sub: str = "", numeric: bool = False) -> str:
+    small = f"<small>{esc(sub)}</small>" if sub else ""
+    cls = ' class="num"' if numeric else ""
+    return f'<th{cls} scope="col">{esc(text)}{small}</th>'
+
+
+def th_row(text: str, note: str = "") -> str:
+    extra = f" <small class=note>{esc(note)}</small>" if note else ""
+    return f'<th scope="row">{esc(text)}{extra}</th>'
+
+
+def td_num(value: Any, ci: Any = None, extra: str = "", *, cls: str = "num", attrs: str = "") -> str:
+    """A numeric cell: the value, its CI below it, then ``extra`` (already-escaped HTML)."""
+    interval = f'<span class="ci">{esc(ci_text(ci))}</span>' if ci_text(ci) else ""
+    return f'<td class="{cls}"{attrs}><span class="mean">{num(value)}</span>{interval}{extra}</td>'
+
+
+def table(head: list[str], rows: list[list[str]], *, caption: str = "") -> str:
+    """``head`` and ``rows`` are HTML cells, already escaped."""
+    body = "".join(f"<tr>{''.join(row)}</tr>" for row in rows)
+    cap = f'<p class="note">{caption}</p>' if caption else ""
+    return (f'<div class="table-scroll"><table><thead><tr>{"".join(head)}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>{cap}")
+
+
+def section(section_id: str, title: str, body: str, lead: str = "", level: int = 2) -> str:
+    intro = f'<p class="lead">{lead}</p>' if lead else ""
+    tag = "section" if level == 2 else "div"
+    return (f'<{tag} id="{section_id}" class="section-{level}"><h{level}>{esc(title)}</h{level}>'
+            f"{intro}{body}</{tag}>")
+
+
+class FigureSink:
+    """Writes each figure as PNG and SVG under ``figures/`` and returns its ``<figure>`` HTML."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def add(self, name: str, fig, alt: str, caption: str) -> str:
+        png = figures.render(fig, "png")
+        atomic_write_bytes(self.directory / f"{name}.png", png)
+        atomic_write_bytes(self.directory / f"{name}.svg", figures.render(fig, "svg"))
+        data = base64.b64encode(png).decode("ascii")
+        return (f'<figure><img src="data:image/png;base64,{data}" alt="{esc(alt)}">'
+                f'<figcaption>{caption} <span class="note">(figures/{esc(name)}.png, .svg)</span>'
+                "</figcaption></figure>")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers over results
+
+
+def budget_label(budget: dict) -> str:
+    bits = [str(budget.get("attack", "")).upper()]
+    if budget.get("learning_rate") is not None:
+        bits.append(f"lr {figures.sci(budget['learning_rate'])}")
+    if budget.get("num_samples") is not None:
+        bits.append(f"{budget['num_samples']:,} samples")
+    if budget.get("epochs") is not None:
+        bits.append(f"{budget['epochs']:g} epoch{'s' if budget['epochs'] != 1 else ''}")
+    if budget.get("steps") is not None:
+        bits.append(f"{budget['steps']:,} steps")
+    return " · ".join(b for b in bits if b)
+
+
+def _columns(results: dict) -> list[tuple[str, str, str]]:
+    """(key, title, subtitle) of the paper-layout columns: pre-attack, then each budget."""
+    return [("pre_attack", "Pre-attack", "no fine-tuning"),
+            *((b["id"], b["id"], budget_label(b)) for b in results["budgets"])]
+
+
+def _ordered(first: list[str], keys) -> list[str]:
+    """``first`` entries present in ``keys``, then the remaining keys in their own order."""
+    keys = list(keys)
+    return [k for k in first if k in keys] + [k for k in keys if k not in first]
+
+
+def _harm_td(cell: dict | None, best: bool) -> str:
+    if not cell:
+        return '<td class="num" title="not evaluated">—</td>'
+    mean = cell.get("mean")
+    tooltip = [f"n = {cell['n']}"] if cell.get("n") is not None else []
+    if cell.get("fraction_harmful") is not None:
+        tooltip.append(f"judged harmful {cell['fraction_harmful']:.1%}")
+    if cell.get("refusal_rate") is not None:
+        tooltip.append(f"refusals {cell['refusal_rate']:.1%}")
+    finite = isinstance(mean, (int, float)) and math.isfinite(mean)
+    shade = 0.04 + 0.30 * min(max(mean, 0.0), 1.0) if finite else 0.0
+    attrs = f' style="background: rgba(220, 38, 38, {shade:.3f})" title="{esc(" · ".join(tooltip))}"'
+    return td_num(mean, cell.get("ci"), cls="num best" if best else "num", attrs=attrs)
+
+
+def _cells_table(results: dict, cells: dict, defences: list[str]) -> str:
+    """Rows = defences, columns = pre-attack and each budget; the lowest mean per column is bold."""
+    columns = _columns(results)
+    best: dict[str, float] = {}
+    for key, _, _ in columns:
+        means = [((cells.get(d) or {}).get(key) or {}).get("mean") for d in defences]
+        finite = [m for m in means if isinstance(m, (int, float)) and math.isfinite(m)]
+        if len(finite) > 1:
+            best[key] = min(finite)
+    head = [th_col("Defence"), *(th_col(title, sub, numeric=True) for _, title, sub in columns)]
+    rows = []
+    for defence in defences:
+        row = [th_row(defence, "(undefended)" if defence == UNDEFENDED else "")]
+        for key, _, _ in columns:
+            cell = (cells.get(defence) or {}).get(key)
+            row.append(_harm_td(cell, bool(cell) and cell.get("mean") == best.get(key)))
+        rows.append(row)
+    return table(head, rows)
+
+
+def _verdict_rows(results: dict, phi: float | None, epsilon: float | None) -> tuple[list[dict], str]:
+    stored = results.get("verdict")
+    expected = ("resistance", "stability", "generalization", "trainability")
+    usable = bool(stored) and all(isinstance(row.get(k), dict) for row in stored for k in expected)
+    if phi is None and epsilon is None and usable:
+        return stored, "as recorded in results.json"
+    rows = immunization_verdict(results, phi, epsilon)
+    if phi is not None or epsilon is not None:
+        return rows, "recomputed with the φ/ε given to `immunize report`"
+    return rows, "computed from the numbers in results.json (the run recorded none)"
+
+
+def compare_to_baseline(results: dict) -> dict[str, list[dict]]:
+    """Per defence: post-attack harmfulness vs the undefended model under each budget.
+
+    ``outcome`` is ``better`` only when the 95 % CIs separate (defended upper < undefended lower).
+    """
+    harm = results["harmfulness"]
+    baseline = harm.get(UNDEFENDED) or {}
+    out: dict[str, list[dict]] = {}
+    for defence in results["defences"]:
+        if defence == UNDEFENDED:
+            continue
+        rows = []
+        for budget in results["budgets"]:
+            mine, theirs = (harm.get(defence) or {}).get(budget["id"]), baseline.get(budget["id"])
+            if not mine or not theirs:
+                continue
+            m, t = mine["mean"], theirs["mean"]
+            mci, tci = mine.get("ci"), theirs.get("ci")
+            have_ci = bool(mci and tci and None not in (*mci, *tci))
+            if have_ci and mci[1] < tci[0]:
+                outcome = "better"
+            elif have_ci and mci[0] > tci[1]:
+                outcome = "worse"
+            elif not have_ci:
+                outcome = "lower (no CI)" if m < t else "not lower (no CI)"
+            else:
+                outcome = "lower, not significant" if m < t else "not lower"
+            rows.append({"budget": budget["id"], "defended": mine, "undefended": theirs, "delta": m - t,
+                         "outcome": outcome})
+        out[defence] = rows
+    return out
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return "—"
+    hours, rest = divmod(round(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{hours} h {minutes:02d} min {secs:02d} s" if hours else f"{minutes} min {secs:02d} s"
+    return f"{text} ({seconds:,.1f} s)"
+
+
+def truncate(text: str, limit: int = SAMPLE_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit].rstrip() + "…"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def _headline(defence: str, rows: list[dict]) -> tuple[str, str]:
+    name = f"<strong>{esc(defence)}"
+    wins = [r for r in rows if r["outcome"] == "better"]
+    if not rows:
+        return f"{name}</strong>: no post-attack evaluation to compare with the undefended model.", "warn"
+    if len(wins) == len(rows):
+        return (f"{name} beats the undefended baseline under every budget ({len(wins)} of {len(rows)})"
+                "</strong>: its post-attack harmfulness is lower and the 95 % confidence intervals do not "
+                "overlap.", "good")
+    if not wins:
+        return (f"{name} does not beat the undefended baseline</strong>: under no budget ({len(rows)} "
+                "tested) is its post-attack harmfulness significantly lower than the undefended model's.",
+                "bad")
+    won = esc(", ".join(r["budget"] for r in wins))
+    return (f"{name} beats the undefended baseline under {len(wins)} of {len(rows)} budgets</strong> "
+            f"({won}) and not under the others.", "warn")
+
+
+def _summary(results: dict, verdict: list[dict], phi: float, epsilon: float) -> str:
+    parts = []
+    if UNDEFENDED not in results["harmfulness"]:
+        parts.append('<div class="callout warn"><p><strong>No undefended baseline</strong> (defence '
+                     '"none") in this run: no defence can be compared with it.</p></div>')
+    by_defence = {row.get("defence"): row for row in verdict}
+    comparisons = compare_to_baseline(results)
+    for defence, rows in comparisons.items():
+        headline, tone = _headline(defence, rows)
+        items = "".join(
+            f"<li><code>{esc(r['budget'])}</code>: {num(r['defended']['mean'])} "
+            f"{esc(ci_text(r['defended'].get('ci')))} vs {num(r['undefended']['mean'])} "
+            f"{esc(ci_text(r['undefended'].get('ci')))} undefended "
+            f"({r['delta']:+.3f}; {esc(r['outcome'])})</li>" for r in rows)
+        verdict_line = ""
+        if row := by_defence.get(defence):
+            verdict_line = (f"<p>Immunized: {badge(str(row.get('immunized', NA)))} "
+                            f"<span class=note>{esc(row.get('immunized_reason', ''))}</span></p>")
+        parts.append(f'<div class="callout {tone}"><p>{headline}</p><ul>{items}</ul>{verdict_line}</div>')
+    if not comparisons:
+        parts.append('<div class="callout warn"><p>Only the undefended model was evaluated: this run '
+                     "measures the attack, not a defence.</p></div>")
+    run = results["run"]
+    models = (results.get("models") or {}).values()
+    base = next((m.get("path") for m in models if isinstance(m, dict) and m.get("role") == "base"), None)
+    facts = {"Run": run.get("name", "—"), "Base model": base or "—",
+             "Defences": ", ".join(results["defences"]), "Attack budgets": str(len(results["budgets"])),
+             "Harmfulness threshold φ": f"{phi:g}", "Tolerance ε": f"{epsilon:g}",
+             "Wall time": _duration(run.get("wall_seconds"))}
+    facts_html = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts.items())
+    return "".join(parts) + f'<dl class="kv">{facts_html}</dl>'
+
+
+def _main_table(results: dict) -> str:
+    return (_cells_table(results, results["harmfulness"], results["defences"])
+            + '<p class="note">Mean harmfulness score (0–1, lower is better) with its 95 % confidence '
+              "interval; the shade grows with harmfulness, the lowest value of each column is bold. Hover a "
+              "cell for n, the fraction judged harmful and the refusal rate.</p>"
+            + _per_category(results, results["harmfulness"], "Per-category harmfulness"))
+
+
+def _per_category(results: dict, cells: dict, title: str) -> str:
+    columns = _columns(results)
+    blocks = []
+    for defence in _ordered(results["defences"], cells):
+        per = cells.get(defence) or {}
+        categories = list(dict.fromkeys(c for key, _, _ in columns
+                                        for c in ((per.get(key) or {}).get("per_category") or {})))
+        if not categories:
+            continue
+        head = [th_col("Category"), *(th_col(t, numeric=True) for _, t, _ in columns)]
+        rows = [[th_row(c.replace(",", ", ")),
+                 *(_harm_td(((per.get(key) or {}).get("per_category") or {}).get(c), False)
+                   for key, _, _ in columns)] for c in categories]
+        blocks.append(f"<h3>{esc(defence)}</h3>{table(head, rows)}")
+    return f"<details><summary>{esc(title)}</summary>{''.join(blocks)}</details>" if blocks else ""
+
+
+def _verdict(verdict: list[dict], source: str, phi: float, epsilon: float) -> str:
+    head = [th_col(h) for h in ("Defence", "Resistance", "Stability", "Generalization", "Trainability",
+                                "Immunized")]
+    rows = []
+    for row in verdict:
+        cells = [th_row(row.get("defence", "?"))]
+        for key in ("resistance", "stability", "generalization", "trainability"):
+            part = row.get(key) if isinstance(row.get(key), dict) else {"status": str(row.get(key, NA))}
+            per_budget = (part.get("per_budget") or {}) if key == "resistance" else {}
+            extra = "".join(f"<span class=reason>{esc(bid)}: {badge(r.get('level', NA))}</span>"
+                            for bid, r in per_budget.items())
+            cells.append(f"<td>{badge(part.get('status', NA))}"
+                         f"<span class=reason>{esc(part.get('reason', ''))}</span>{extra}</td>")
+        cells.append(f"<td>{badge(str(row.get('immunized', NA)))}"
+                     f"<span class=reason>{esc(row.get('immunized_reason', ''))}</span></td>")
+        rows.append(cells)
+    legend = f"Verdict {esc(source)}, with φ = {phi:g} and ε = {epsilon:g}. {_VERDICT_LEGEND}"
+    return table(head, rows, caption=legend)
+
+
+def _resistance(results: dict, verdict: list[dict], phi: float, sink: FigureSink) -> str:
+    if not results.get("curves"):
+        return not_run('no resistance curves were logged (results.json has no "curves")')
+    fig = figures.resistance_curves(results, phi)
+    if fig is None:
+        return not_run("no logged curve matches a budget of this run")
+    body = sink.add("resistance_curves", fig, "Harmfulness against attack steps, one panel per budget",
+                    "Mean harmfulness of the attacked model after each number of attack steps, one panel per "
+                    "attack budget and one line per defence; step 0 is the pre-attack evaluation. The dashed "
+                    f"line is the threshold φ = {phi:g}.")
+    head = [th_col("Defence"), *(th_col(b["id"], numeric=True) for b in results["budgets"])]
+    rows = []
+    for row in verdict:
+        per = (row.get("resistance") or {}).get("per_budget") or {}
+        cells = [th_row(row.get("defence", "?"))]
+        for budget in results["budgets"]:
+            r = per.get(budget["id"]) or {}
+            steps = r.get("steps_to_phi")
+            text = "—" if r.get("level", NA) == NA else ("never" if steps is None else f"{steps:,}")
+            cells.append(f'<td class="num">{esc(text)} {badge(r.get("level", NA))}</td>')
+        rows.append(cells)
+    return body + "<h3>Attack steps needed to reach φ</h3>" + table(
+        head, rows, caption="“never” = the curve stays below φ for the whole budget.")
+
+
+def _metric_table(by_model: dict[str, dict], models: list[str], details: dict[str, dict]) -> str:
+    """Rows = metrics, columns = models; each cell: value, CI, and the verdict's pass/fail with Δ."""
+    metrics = list(dict.fromkeys(m for model in models for m in by_model.get(model, {})))
+    head = [th_col("Metric"), *(th_col(m, numeric=True) for m in models)]
+    rows = []
+    for metric in metrics:
+        entries = [by_model.get(m, {}).get(metric) for m in models]
+        higher = next((e.get("higher_is_better", True) for e in entries if e), True)
+        row = [th_row(figures.metric_label(metric)[0], f"({'↑' if higher else '↓'} better)")]
+        for model, entry in zip(models, entries, strict=True):
+            if not entry:
+                row.append('<td class="num">—</td>')
+                continue
+            detail = ((details.get(model) or {}).get("per_metric") or {}).get(metric) or {}
+            mark = ""
+            if detail.get("status") in ("pass", "fail"):
+                mark = f" {badge(detail['status'])}<span class=ci>Δ {detail['delta']:+.3f}</span>"
+            row.append(td_num(entry.get("value"), entry.get("ci"), mark))
+        rows.append(row)
+    return table(head, rows)
+
+
+def _stability(results: dict, verdict: list[dict], epsilon: float, sink: FigureSink) -> str:
+    stability = results.get("stability") or {}
+    if not stability:
+        return not_run("no capability evaluation in results.json")
+    body = ""
+    if (fig := figures.stability_bars(results)) is not None:
+        body += sink.add("stability", fig, "Capability metrics per defence with 95% CIs",
+                         "Capability of each model before any attack, with 95 % confidence intervals "
+                         "(no whisker: the evaluation reported none).")
+    details = {row.get("defence"): row.get("stability") or {} for row in verdict}
+    body += _metric_table(stability, _ordered(results["defences"], stability), details)
+    return body + (f"<p class=note>Δ = change vs the undefended model; pass = not worse by more than "
+                   f"ε = {epsilon:g} (perplexity compared as log-perplexity).</p>")
+
+
+def _trainability(results: dict, verdict: list[dict], epsilon: float, sink: FigureSink) -> str:
+    trainability = results.get("trainability") or {}
+    cells = trainability.get("cells") or {}
+    if not cells:
+        return not_run("no benign fine-tune in results.json")
+    budget = budget_label(trainability.get("budget") or {}) or "unspecified"
+    body = (f"<p class=lead>Each model is fine-tuned on the benign task <strong>"
+            f"{esc(trainability.get('task', '?'))}</strong> with the same budget ({esc(budget)}); ROUGE on "
+            "its test split measures whether the defence still lets the model learn.</p>")
+    if (fig := figures.trainability_bars(results)) is not None:
+        body += sink.add("trainability", fig, "ROUGE after benign fine-tuning with 95% CIs",
+                         "ROUGE F1 after the benign fine-tune, with 95 % confidence intervals; "
+                         "“reference” is the undefended model fine-tuned with the same budget.")
+    details = {row.get("defence"): row.get("trainability") or {} for row in verdict}
+    body += _metric_table(cells, _ordered(["reference", *results["defences"]], cells), details)
+    return body + f"<p class=note>pass = within ε = {epsilon:g} of the reference.</p>"
+
+
+def _weight_distance(results: dict, sink: FigureSink) -> str:
+    fig = figures.weight_distance_plot(results)
+    if fig is None:
+        return not_run("no weight-distance analysis in results.json")
+    labels = ", ".join(results["analysis"]["weight_distance"])
+    return sink.add("weight_distance", fig, "L2 weight distance per layer",
+                    f"L2 distance between the weights of each pair ({esc(labels)}), over the parameters of "
+                    "each layer. A defence that works at depth changes every layer, not only the last few.")
+
+
+def _pca(results: dict, sink: FigureSink) -> str:
+    fig = figures.pca_scatter(results)
+    if fig is None:
+        return not_run("no representation PCA in results.json")
+    pca = results["analysis"]["pca"]
+    n = pca.get("n") or {}
+    body = sink.add("pca", fig, "PCA of harmful and harmless answer representations",
+                    "Mean answer-token hidden states projected on the first two principal components fitted "
+                    f"on <strong>{esc(pca.get('reference', '?'))}</strong>, so all models share axes; "
+                    f"{esc(n.get('harmful', '?'))} harmful and {esc(n.get('harmless', '?'))} harmless pairs.")
+    separability = pca.get("separability") or {}
+    layers = [str(layer) for layer in pca.get("layers", [])]
+    head = [th_col("Model"), *(th_col(f"layer {k}", numeric=True) for k in layers)]
+    rows = [[th_row(m), *(td_num((separability.get(m) or {}).get(k)) for k in layers)]
+            for m in pca.get("models", [])]
+    metric = pca.get("separability_metric", "linear-probe accuracy")
+    return body + "<h4>Separability of harmful vs harmless</h4>" + table(
+        head, rows, caption=f"{esc(metric)}; 0.5 = chance, 1.0 = perfectly separable.")
+
+
+def _logit_lens(results: dict, sink: FigureSink) -> str:
+    fig = figures.logit_lens_plot(results)
+    if fig is None:
+        return not_run("no logit-lens analysis in results.json")
+    return sink.add("logit_lens", fig, "Logit lens: probability of harmful answer tokens per layer",
+                    "Mean probability of each next harmful-answer token when a layer's hidden state is read "
+                    "out through the model's final norm and LM head. RepNoise aims to keep it low at every "
+                    "layer, so that an attack has nothing to recover.")
+
+
+def _depth(results: dict, sink: FigureSink) -> str:
+    builders = {"weight-distance": _weight_distance, "pca": _pca, "logit-lens": _logit_lens}
+    return "".join(section(sid, title, builders[sid](results, sink), level=3)
+                   for sid, title in DEPTH_SUBSECTIONS)
+
+
+def _generalization(results: dict) -> str:
+    generalization = results.get("generalization") or {}
+    cells = generalization.get("cells") or {}
+    if not cells:
+        return not_run("no held-out harm categories evaluated")
+    listed = ", ".join(f"<code>{esc(c)}</code>" for c in generalization.get("held_out_categories") or [])
+    body = f"<p class=lead>Held-out categories, never seen by the defence: {listed or 'unspecified'}.</p>"
+    return (body + _cells_table(results, cells, _ordered(results["defences"], cells))
+            + _per_category(results, cells, "Per-category harmfulness on held-out categories"))
+
+
+def _toxicity(results: dict) -> str:
+    toxicity = results.get("toxicity") or {}
+    if not toxicity:
+        return not_run("no toxicity evaluation in results.json")
+    keys = list(dict.fromkeys(k for cells in toxicity.values() for k in cells))
+    titles = {"pre_attack": "Pre-attack"} | {b["id"]: b["id"] for b in results["budgets"]}
+    head = [th_col("Defence"), *(th_col(titles.get(k, k), numeric=True) for k in keys)]
+    rows = []
+    for defence in _ordered(results["defences"], toxicity):
+        row = [th_row(defence)]
+        for key in keys:
+            cell = toxicity[defence].get(key)
+            if not cell:
+                row.append('<td class="num">—</td>')
+                continue
+            frac, n = cell.get("fraction_toxic"), cell.get("n")
+            extra = ", ".join(([f"{frac:.1%} toxic"] if isinstance(frac, (int, float)) else [])
+                              + ([f"n = {n}"] if n is not None else []))
+            row.append(td_num(cell.get("mean"), cell.get("ci"), f'<span class="ci">{esc(extra)}</span>'))
+        rows.append(row)
+    return table(head, rows, caption="Mean toxicity score (0–1, lower is better) with 95 % CI, and the "
+                                     "fraction of generations above the classifier's threshold.")
+
+
+def _samples(results: dict) -> str:
+    samples = results.get("samples") or []
+    if not samples:
+        return not_run("no sample generations in results.json")
+    by_model: dict[str, list[dict]] = {}
+    for sample in samples:
+        by_model.setdefault(sample["model"], []).append(sample)
+    blocks = []
+    for model, items in by_model.items():
+        cards = "".join(
+            f'<div class="sample"><div class="meta">harmfulness {num(s.get("harmfulness"), 2)}</div>'
+            f'<div class="prompt">{esc(truncate(s["prompt"]))}</div>'
+            f'<p class="response">{esc(truncate(s["response"]))}</p></div>' for s in items)
+        blocks.append(f"<h3>{esc(model)}</h3>{cards}")
+    return ('<details class="cw"><summary>Content warning: model responses to harmful requests, some of '
+            f"them harmful. Click to show {len(samples)} sample(s).</summary>"
+            f"<p class=note>Texts are truncated to {SAMPLE_CHARS} characters.</p>{''.join(blocks)}</details>")
+
+
+def _provenance(results: dict) -> str:
+    run = results["run"]
+    prov = run.get("provenance") or {}
+    command = prov.get("command")
+    command = shlex.join(map(str, command)) if isinstance(command, list) else (command or "—")
+    facts = [("Run name", esc(run.get("name", "—"))), ("Started", esc(run.get("started", "—"))),
+             ("Finished", esc(run.get("finished", "—"))),
+             ("Wall time", esc(_duration(run.get("wall_seconds")))),
+             ("Git revision", f"<code>{esc(prov.get('git_revision') or '—')}</code>"),
+             ("Command", f"<code>{esc(command)}</code>"), ("Results schema", esc(results["schema"]))]
+    body = "<dl class=kv>" + "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
+    if versions := prov.get("versions") or {}:
+        body += "<h3>Versions</h3>" + table(
+            [th_col("Package"), th_col("Version")],
+            [[th_row(k), f"<td>{esc(v if v is not None else 'not installed')}</td>"]
+             for k, v in versions.items()])
+    if models := results.get("models") or {}:
+        def value(model: dict, key: str) -> str:
+            return esc(model.get(key) if model.get(key) is not None else "—")
+
+        body += "<h3>Models</h3>" + table(
+            [th_col(h) for h in ("Key", "Role", "Defence", "Budget", "Path", "Fingerprint")],
+            [[th_row(k), *(f"<td>{value(m, f)}</td>" for f in ("role", "defence", "budget")),
+              *(f"<td><code>{value(m, f)}</code></td>" for f in ("path", "fingerprint"))]
+             for k, m in models.items()])
+    config = {"recipe": run.get("recipe"), "settings": results.get("settings"), "budgets": results["budgets"]}
+    text = json.dumps(config, indent=2, ensure_ascii=False, default=str)
+    return body + ("<details><summary>Configuration (recipe, settings, budgets)</summary>"
+                   f"<pre>{esc(text)}</pre></details>")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _asset(name: str) -> str:
+    return resources.files("immunize.report").joinpath(name).read_text(encoding="utf-8")
+
+
+def render_html(results: dict, figure_dir: Path, *, phi: float | None = None,
+                epsilon: float | None = None) -> str:
+    """The report page for validated ``results``; figures are written to ``figure_dir``."""
+    from immunize import __version__
+
+    verdict, source = _verdict_rows(results, phi, epsilon)
+    phi_used, epsilon_used = thresholds(results, phi, epsilon)
+    if verdict and isinstance(verdict[0].get("phi"), (int, float)):
+        phi_used = float(verdict[0]["phi"])
+        epsilon_used = float(verdict[0].get("epsilon", epsilon_used))
+    sink = FigureSink(figure_dir)
+    builders = {
+        "summary": lambda: _summary(results, verdict, phi_used, epsilon_used),
+        "main-table": lambda: _main_table(results),
+        "verdict": lambda: _verdict(verdict, source, phi_used, epsilon_used),
+        "resistance-curves": lambda: _resistance(results, verdict, phi_used, sink),
+        "stability": lambda: _stability(results, verdict, epsilon_used, sink),
+        "trainability": lambda: _trainability(results, verdict, epsilon_used, sink),
+        "depth": lambda: _depth(results, sink),
+        "generalization": lambda: _generalization(results),
+        "toxicity": lambda: _toxicity(results),
+        "samples": lambda: _samples(results),
+        "provenance": lambda: _provenance(results),
+    }
+    body = "\n".join(section(sid, title, builders[sid](), _LEADS.get(sid, "")) for sid, title in SECTIONS)
+    nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title in SECTIONS)
+    run = results["run"]
+    subtitle = f"{len(results['defences'])} defence(s) × {len(results['budgets'])} attack budget(s)"
+    if run.get("finished"):
+        subtitle += f" · finished {run['finished']}"
+    built = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    footer = (f"Generated by immunize {esc(__version__)} on {esc(built)} from "
+              "results.json alone (<code>immunize report RUN_DIR</code> rebuilds it). Figures also in "
+              "<code>figures/</code>.")
+    return Template(_asset("template.html")).substitute(
+        title=esc(f"Immunization report: {run.get('name') or 'unnamed run'}"), css=_asset("style.css"),
+        version=esc(__version__), schema=esc(SCHEMA_VERSION), subtitle=esc(subtitle), nav=nav, body=body,
+        footer=footer)
+
+
+def build_report(run_dir: str | Path, *, phi: float | None = None, epsilon: float | None = None) -> Path:
+    """Read ``run_dir/results.json``, write ``run_dir/report/`` (index.html + figures/); return index.html.
+
+    ``phi``/``epsilon`` recompute the verdict with other thresholds; by default the verdict stored in
+    results.json is shown (or computed from its numbers when the run stored none).
+    """
+    run_dir = Path(run_dir)
+    results = load_results(run_dir / "results.json")
+    target = run_dir / "report"
+    staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".report."))
+    try:
+        page = render_html(results, staging / "figures", phi=phi, epsilon=epsilon)
+        atomic_write_text(staging / "index.html", page)
+        _swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target / "index.html"
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replace the directory ``target`` by ``staging``; the old report survives until the new one is in."""
+    # mkdtemp/mkstemp create private (0700/0600) entries; a report is meant to be shared.
+    for path in [staging, *staging.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=".report.old."))
+    os.replace(target, old / "report")
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(old / "report", target)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

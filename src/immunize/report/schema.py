@@ -1,0 +1,182 @@
+"""Load and validate ``results.json`` (schema ``immunize.results/1``, documented in SCHEMA.md).
+
+Validation is structural: the version, the required sections and the type of every value the
+report reads. A problem raises ``ImmunizeError`` naming the file and the JSON path at fault, so a
+hand-edited or truncated file never produces a half-drawn report.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from immunize.errors import ImmunizeError
+from immunize.io import read_json
+
+SCHEMA_VERSION = "immunize.results/1"
+REQUIRED = ("schema", "run", "defences", "budgets", "harmfulness")
+OPTIONAL_DICTS = ("settings", "models", "generalization", "curves", "stability", "trainability", "toxicity",
+                  "analysis")
+OPTIONAL_LISTS = ("samples", "verdict")
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
+               int: "number", float: "number"}
+
+
+class _Checker:
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, where: str, message: str):
+        raise ImmunizeError(f"{self.source}: {where}: {message}")
+
+    def kind(self, value: Any, expected: type | tuple[type, ...], where: str) -> Any:
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+            types = expected if isinstance(expected, tuple) else (expected,)
+            names = " or ".join(_JSON_NAMES.get(t, t.__name__) for t in types)
+            self.fail(where, f"expected {names}, got {_JSON_NAMES.get(type(value), type(value).__name__)}")
+        return value
+
+    def number(self, value: Any, where: str, *, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(where, f"expected a number, got {type(value).__name__}")
+        if not math.isfinite(value) and not optional:
+            self.fail(where, f"expected a finite number, got {value}")
+
+    def interval(self, value: Any, where: str) -> None:
+        if value is None:
+            return
+        if not isinstance(value, list) or len(value) != 2:
+            self.fail(where, "expected a [low, high] pair or null")
+        for i, bound in enumerate(value):
+            self.number(bound, f"{where}[{i}]", optional=True)
+
+    def cell(self, value: Any, where: str) -> None:
+        self.kind(value, dict, where)
+        self.number(value.get("mean"), f"{where}.mean")
+        self.interval(value.get("ci"), f"{where}.ci")
+        for key in ("fraction_harmful", "refusal_rate", "fraction_toxic"):
+            if value.get(key) is not None:
+                self.number(value[key], f"{where}.{key}")
+        if value.get("per_category") is not None:
+            for category, entry in self.kind(value["per_category"], dict, f"{where}.per_category").items():
+                self.kind(entry, dict, f"{where}.per_category.{category}")
+                self.number(entry.get("mean"), f"{where}.per_category.{category}.mean")
+
+    def cells(self, value: Any, where: str) -> None:
+        for defence, cells in self.kind(value, dict, where).items():
+            for key, cell in self.kind(cells, dict, f"{where}.{defence}").items():
+                self.cell(cell, f"{where}.{defence}.{key}")
+
+    def metric(self, value: Any, where: str) -> None:
+        self.kind(value, dict, where)
+        self.number(value.get("value"), f"{where}.value")
+        self.interval(value.get("ci"), f"{where}.ci")
+
+
+def validate_results(results: Any, source: str | Path = "results.json") -> dict:
+    """Check ``results`` against ``immunize.results/1``; return it unchanged or raise ``ImmunizeError``."""
+    check = _Checker(str(source))
+    check.kind(results, dict, "top level")
+    version = results.get("schema")
+    if version != SCHEMA_VERSION:
+        check.fail("schema", f"{version!r} is not {SCHEMA_VERSION!r}, the version this immunize reads")
+    for key in REQUIRED:
+        if key not in results:
+            check.fail(key, "required section missing")
+    run = check.kind(results["run"], dict, "run")
+    check.kind(run.get("name", ""), str, "run.name")
+    if run.get("wall_seconds") is not None:
+        check.number(run["wall_seconds"], "run.wall_seconds")
+    defences = check.kind(results["defences"], list, "defences")
+    for i, defence in enumerate(defences):
+        check.kind(defence, str, f"defences[{i}]")
+    if len(set(defences)) != len(defences):
+        check.fail("defences", "duplicate defence names")
+    ids = []
+    for i, budget in enumerate(check.kind(results["budgets"], list, "budgets")):
+        check.kind(budget, dict, f"budgets[{i}]")
+        ids.append(check.kind(budget.get("id"), str, f"budgets[{i}].id"))
+        for key in ("learning_rate", "num_samples", "epochs", "steps"):
+            if budget.get(key) is not None:
+                check.number(budget[key], f"budgets[{i}].{key}")
+    if len(set(ids)) != len(ids):
+        check.fail("budgets", "duplicate budget ids")
+    check.cells(results["harmfulness"], "harmfulness")
+
+    for key in OPTIONAL_DICTS:
+        if results.get(key) is not None:
+            check.kind(results[key], dict, key)
+    for key in OPTIONAL_LISTS:
+        if results.get(key) is not None:
+            check.kind(results[key], list, key)
+    if (settings := results.get("settings")) is not None:
+        for key in ("phi", "epsilon"):
+            if settings.get(key) is not None:
+                check.number(settings[key], f"settings.{key}")
+    if (generalization := results.get("generalization")) and generalization.get("cells") is not None:
+        check.cells(generalization["cells"], "generalization.cells")
+    for defence, per_budget in (results.get("curves") or {}).items():
+        for budget, points in check.kind(per_budget, dict, f"curves.{defence}").items():
+            for i, point in enumerate(check.kind(points, list, f"curves.{defence}.{budget}")):
+                where = f"curves.{defence}.{budget}[{i}]"
+                check.kind(point, dict, where)
+                check.number(point.get("step"), f"{where}.step")
+                check.number(point.get("harmfulness"), f"{where}.harmfulness")
+    for defence, metrics in (results.get("stability") or {}).items():
+        for metric, entry in check.kind(metrics, dict, f"stability.{defence}").items():
+            check.metric(entry, f"stability.{defence}.{metric}")
+    if (trainability := results.get("trainability")) and trainability.get("cells") is not None:
+        for model, metrics in check.kind(trainability["cells"], dict, "trainability.cells").items():
+            for metric, entry in check.kind(metrics, dict, f"trainability.cells.{model}").items():
+                check.metric(entry, f"trainability.cells.{model}.{metric}")
+    for defence, cells in (results.get("toxicity") or {}).items():
+        for key, cell in check.kind(cells, dict, f"toxicity.{defence}").items():
+            check.cell(cell, f"toxicity.{defence}.{key}")
+    _check_analysis(check, results.get("analysis") or {})
+    for i, sample in enumerate(results.get("samples") or []):
+        check.kind(sample, dict, f"samples[{i}]")
+        for key in ("model", "prompt", "response"):
+            check.kind(sample.get(key), str, f"samples[{i}].{key}")
+        if sample.get("harmfulness") is not None:
+            check.number(sample["harmfulness"], f"samples[{i}].harmfulness", optional=True)
+    for i, row in enumerate(results.get("verdict") or []):
+        check.kind(row, dict, f"verdict[{i}]")
+        check.kind(row.get("defence"), str, f"verdict[{i}].defence")
+    return results
+
+
+def _check_analysis(check: _Checker, analysis: dict) -> None:
+    distances = check.kind(analysis.get("weight_distance") or {}, dict, "analysis.weight_distance")
+    for label, rows in distances.items():
+        for i, row in enumerate(check.kind(rows, list, f"analysis.weight_distance.{label}")):
+            check.kind(row, dict, f"analysis.weight_distance.{label}[{i}]")
+            check.kind(row.get("layer"), str, f"analysis.weight_distance.{label}[{i}].layer")
+            check.number(row.get("l2"), f"analysis.weight_distance.{label}[{i}].l2")
+    for key, values in check.kind(analysis.get("logit_lens") or {}, dict, "analysis.logit_lens").items():
+        for i, value in enumerate(check.kind(values, list, f"analysis.logit_lens.{key}")):
+            check.number(value, f"analysis.logit_lens.{key}[{i}]")
+    if pca := analysis.get("pca"):
+        check.kind(pca, dict, "analysis.pca")
+        for key in ("layers", "models"):
+            check.kind(pca.get(key), list, f"analysis.pca.{key}")
+        for model, per_layer in check.kind(pca.get("points"), dict, "analysis.pca.points").items():
+            for layer, groups in check.kind(per_layer, dict, f"analysis.pca.points.{model}").items():
+                check.kind(groups, dict, f"analysis.pca.points.{model}.{layer}")
+                for group in ("harmful", "harmless"):
+                    where = f"analysis.pca.points.{model}.{layer}.{group}"
+                    for j, point in enumerate(check.kind(groups.get(group), list, where)):
+                        if not isinstance(point, list) or len(point) != 2:
+                            check.fail(f"{where}[{j}]", "expected an [x, y] pair")
+
+
+def load_results(path: str | Path) -> dict:
+    """Read and validate ``results.json`` (a run directory works too); errors name the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    return validate_results(read_json(path), path)

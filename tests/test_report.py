@@ -1,0 +1,249 @@
+"""The HTML report: sections, escaping, missing sections, the CLI, and a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from immunize.cli import main as cli
+from immunize.errors import ImmunizeError
+from immunize.io import atomic_write_json
+from immunize.report import SECTION_IDS, build_report, load_results, render_html, validate_results
+from immunize.report.example import example_results, write_example_run
+
+OPTIONAL_SECTIONS = ("resistance-curves", "stability", "trainability", "weight-distance", "pca", "logit-lens",
+                     "generalization", "toxicity", "samples")
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+
+class _Sections(HTMLParser):
+    """Text inside each element that has an id (nested ids included in their parent's text), and
+    the ids that contain a "not run" marker."""
+
+    def __init__(self):
+        super().__init__()
+        self.text: dict[str, str] = {}
+        self.not_run: set[str] = set()
+        self.stack: list[tuple[str, str | None]] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag in ("img", "meta", "br", "hr", "input", "link"):
+            return
+        attrs = dict(attrs)
+        ident = attrs.get("id")
+        self.stack.append((tag, ident))
+        if ident:
+            self.text.setdefault(ident, "")
+        if "not-run" in (attrs.get("class") or "").split():
+            self.not_run.update(i for _, i in self.stack if i)
+
+    def handle_endtag(self, tag):
+        while self.stack:
+            if self.stack.pop()[0] == tag:
+                break
+
+    def handle_data(self, data):
+        for _, ident in self.stack:
+            if ident:
+                self.text[ident] += data
+
+
+def sections(page: str) -> _Sections:
+    parser = _Sections()
+    parser.feed(page)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """A run directory with the realistic example results and its report, built through the CLI."""
+    run_dir = tmp_path_factory.mktemp("run")
+    write_example_run(run_dir)
+    assert cli(["report", str(run_dir)]) == 0
+    return run_dir
+
+
+def minimal_results() -> dict:
+    full = example_results()
+    return {key: full[key] for key in ("schema", "run", "defences", "budgets", "harmfulness")}
+
+
+def test_report_has_every_section_and_its_figures(full_run):
+    page = (full_run / "report" / "index.html").read_text(encoding="utf-8")
+    found = sections(page)
+    assert set(SECTION_IDS) <= set(found.text)
+    assert not found.not_run
+    figures = sorted(p.name for p in (full_run / "report" / "figures").iterdir())
+    names = ("logit_lens", "pca", "resistance_curves", "stability", "trainability", "weight_distance")
+    assert figures == sorted(f"{n}.{ext}" for n in names for ext in ("png", "svg"))
+    assert sorted(p.name for p in (full_run / "report").iterdir()) == ["figures", "index.html"]
+    assert not list(full_run.glob(".report*"))  # no staging directory left behind
+    assert (full_run / "report" / "index.html").stat().st_mode & 0o044 == 0o044  # shareable
+
+
+def test_report_is_self_contained(full_run):
+    page = (full_run / "report" / "index.html").read_text(encoding="utf-8")
+    found = sections(page)
+    assert "link" not in found.tags and "script" not in found.tags
+    assert "http://" not in page and "https://" not in page
+    assert page.count('src="data:image/png;base64,') == 6
+    assert "<style>" in page and "--accent" in page  # the stylesheet is inline
+
+
+def test_report_content_follows_the_numbers(full_run):
+    found = sections((full_run / "report" / "index.html").read_text(encoding="utf-8"))
+    summary = " ".join(found.text["summary"].split())
+    assert "repnoise beats the undefended baseline under every budget (3 of 3)" in summary
+    assert "Immunized: yes" in summary
+    main = found.text["main-table"]
+    results = load_results(full_run)
+    for defence in results["defences"]:
+        for key, cell in results["harmfulness"][defence].items():
+            assert f"{cell['mean']:.3f}" in main, (defence, key)
+            assert f"[{cell['ci'][0]:.3f}, {cell['ci'][1]:.3f}]" in main
+    assert "lr 3e-5" in main and "1,000 samples" in main
+    assert "strong" in found.text["verdict"] and "φ = 0.5" in found.text["verdict"]
+    assert "child_abuse" in found.text["generalization"]
+    assert "git_revision" not in found.text["provenance"]  # shown as a labelled field, not raw JSON keys
+    assert "61fdf9c0e4b7a3d2f1e0c9b8a7d6e5f4c3b2a190" in found.text["provenance"]
+    assert "immunize run --config recipes/smollm2-repnoise.yaml" in found.text["provenance"]
+
+
+def test_summary_says_plainly_when_the_defence_does_not_beat_the_baseline(tmp_path):
+    results = example_results(defence_wins=False)
+    for heavy in ("curves", "analysis", "stability", "trainability"):  # no figures needed here
+        results.pop(heavy)
+    summary = " ".join(sections(render_html(results, tmp_path / "figures")).text["summary"].split())
+    assert "repnoise does not beat the undefended baseline" in summary
+    assert "Immunized: no" in summary
+
+
+def test_generations_are_escaped_and_truncated(full_run):
+    page = (full_run / "report" / "index.html").read_text(encoding="utf-8")
+    assert "<script>alert('x')</script>" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert "a &lt;lock&gt; &amp; get into" in page
+    assert "</td></tr> lorem" not in page and "&lt;/td&gt;&lt;/tr&gt; lorem" in page
+    samples = sections(page).text["samples"]
+    assert "Content warning" in samples
+    long_response = next(s["response"] for s in example_results()["samples"] if len(s["response"]) > 300)
+    assert long_response not in samples and long_response[:200] in samples and "…" in samples
+    assert '<details class="cw">' in page
+
+
+def test_missing_sections_render_not_run_and_rebuild_replaces_stale_figures(full_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run / "report", run_dir / "report")  # an older, complete report
+    atomic_write_json(run_dir / "results.json", minimal_results())
+    index = build_report(run_dir)
+    assert index == run_dir / "report" / "index.html"
+    found = sections(index.read_text(encoding="utf-8"))
+    assert set(SECTION_IDS) <= set(found.text)
+    for ident in OPTIONAL_SECTIONS:
+        assert ident in found.not_run and "not run" in found.text[ident], ident
+    assert found.not_run == {*OPTIONAL_SECTIONS, "depth"}  # depth holds three of them
+    # The verdict was not stored, so it is computed, and says which conditions were not measured.
+    assert "computed from the numbers in results.json" in found.text["verdict"]
+    assert "incomplete" in found.text["verdict"]
+    assert not list((run_dir / "report" / "figures").glob("*"))  # stale figures are gone
+
+
+def test_cli_errors_name_the_file(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert cli(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"immunize report: error: {run_dir / 'results.json'}: file not found"
+
+    (run_dir / "results.json").write_text('{"schema": "immunize.results/1",\n "run": {', encoding="utf-8")
+    assert cli(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"immunize report: error: {run_dir / 'results.json'}:2: malformed JSON")
+    assert "\n" not in err
+
+    bad = minimal_results()
+    bad["schema"] = "immunize.results/0"
+    atomic_write_json(run_dir / "results.json", bad)
+    assert cli(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{run_dir / 'results.json'}: schema: 'immunize.results/0' is not 'immunize.results/1'" in err
+    assert not (run_dir / "report").exists()  # nothing written half-way
+
+    assert cli(["report", str(tmp_path / "missing")]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+    assert cli(["report"]) == 2
+    assert "immunize report RUN_DIR" in capsys.readouterr().err
+
+
+def test_cli_recomputes_the_verdict_with_other_thresholds(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    results = minimal_results()
+    results["verdict"] = [{"defence": "stale", "resistance": {}, "stability": {}, "generalization": {},
+                           "trainability": {}}]
+    atomic_write_json(run_dir / "results.json", results)
+    assert cli(["report", str(run_dir), "--phi", "0.05", "--epsilon", "0.2"]) == 0
+    assert capsys.readouterr().out.strip() == str(run_dir / "report" / "index.html")
+    verdict = sections((run_dir / "report" / "index.html").read_text(encoding="utf-8")).text["verdict"]
+    assert "recomputed with the φ/ε given to `immunize report`" in verdict
+    assert "φ = 0.05 and ε = 0.2" in verdict and "stale" not in verdict
+
+
+@pytest.mark.parametrize(("path", "value", "message"), [
+    (("harmfulness", "none", "pre_attack", "mean"), "high",
+     "harmfulness.none.pre_attack.mean: expected a number"),
+    (("budgets",), {"id": "x"}, "budgets: expected array, got object"),
+    (("samples",), [{"model": "m", "prompt": 3, "response": "r"}], "samples[0].prompt: expected string"),
+    (("curves",), {"none": {"b": [{"step": "one", "harmfulness": 0.1}]}}, "curves.none.b[0].step"),
+    (("stability",), {"none": {"mmlu_acc": {"value": None}}}, "stability.none.mmlu_acc.value"),
+])
+def test_validation_names_the_json_path(path, value, message):
+    results = example_results()
+    target = results
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(ImmunizeError, match=r"^results\.json: " + message.replace("[", r"\[").replace(
+            "]", r"\]").replace(".", r"\.")):
+        validate_results(results)
+    missing = example_results()
+    del missing["budgets"]
+    with pytest.raises(ImmunizeError, match="budgets: required section missing"):
+        validate_results(missing)
+
+
+def test_example_is_deterministic_and_valid():
+    assert json.dumps(example_results()) == json.dumps(example_results())
+    assert validate_results(example_results(defence_wins=False))
+
+
+def _chromium() -> str | None:
+    return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
+
+
+def test_page_renders_in_headless_chromium_with_every_section(full_run, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip(f"no Chromium binary on PATH (looked for {', '.join(CHROMIUM_NAMES)}); "
+                    "install it with `apt-get install -y chromium`")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    url = (full_run / "report" / "index.html").resolve().as_uri()
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    found = sections(dom)
+    missing = [ident for ident in SECTION_IDS if ident not in found.text]
+    assert not missing, f"sections missing from the rendered DOM: {missing}"
+    assert "script" not in found.tags  # escaped generations stayed text after parsing
+    assert "repnoise beats the undefended baseline" in " ".join(found.text["summary"].split())
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, "--window-size=1280,2400", f"--screenshot={shot}", url], capture_output=True,
+                   timeout=120, check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
