@@ -1,0 +1,464 @@
+"""Representation Noising (RepNoise; Rosati et al., NeurIPS 2024, arXiv 2405.14577).
+
+On a batch of pairs (a harmful answer and a refusal to the same question), with the harmful mask
+M of ``immunize.defences.paired``:
+
+    L = stability + β·noise − α·log(1 + ascent)
+
+- stability: next-token cross-entropy on the refusals' answer tokens;
+- noise: for each chosen decoder layer, the MMD between its activations on the harmful tokens in
+  M and standard Gaussian noise (5 RBF kernels, bandwidth multiplier 2, data-driven bandwidth),
+  averaged over layers; per sequence (the paper) or per token;
+- ascent: cross-entropy of the harmful tokens in M read out from every chosen layer's residual
+  stream through the final norm and the LM head (a logit lens), averaged over layers.
+
+How one micro-step runs:
+
+1. One forward of the model on the 2B rows [harmful; refusal] (``logits_to_keep=1``: the model's
+   own full-vocabulary logits are not needed). Hooks from the per-architecture table
+   (``immunize.hooks``) keep references to the layer outputs and MLP outputs; they do no
+   arithmetic, so they are safe inside activation-checkpointed layers.
+2. A forward *pre-hook on the LM head* computes all three terms while the model is still inside
+   its own forward. Every parameter the terms touch (final norm, LM head) is thus used inside the
+   root module's forward, where DDP and FSDP expect it. FSDP constraint: the final norm and the LM
+   head must belong to the root FSDP unit (or one unit together), as with the standard
+   transformer-layer auto-wrap policy; they are not called through separately wrapped units.
+3. The lens and the stability loss gather only the positions they score, then run the LM head in
+   chunks (``losses.head_cross_entropy``): memory never grows with layers × sequence × vocabulary.
+4. The ``HookSet`` context removes every hook before backward, so activation-checkpointing
+   recomputation (which must be non-reentrant: the hooked MLP outputs live inside checkpointed
+   layers) never re-runs them and hooks never accumulate across steps.
+
+Labels use -100 and a single shift: the prediction at position p is scored against the label at
+p + 1, for the harmful targets and the refusal labels alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from immunize.defences import register_defence
+from immunize.defences.losses import BANDWIDTHS, head_cross_entropy, mmd_rbf, mmd_rbf_checkpointed
+from immunize.defences.paired import PairedCollator, encode_pairs
+from immunize.errors import ImmunizeError
+from immunize.hooks import HookSet, ResolvedHookPoints, input_tensor, output_tensor, resolve_hook_points
+from immunize.prompts import IGNORE_INDEX
+from immunize.training import ImmunizeTrainingArguments, check_finite
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS = ("mlp", "residual")
+MMD_LEVELS = ("sequence", "token")
+ABLATIONS = ("stability", "noise", "ascent", "lens", "mask")
+
+
+def _split_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def select_layers(spec: str, num_layers: int) -> list[int]:
+    """``all`` or a comma list of indices (negative counts from the end) and inclusive ranges ``a-b``."""
+    if spec.strip() == "all":
+        return list(range(num_layers))
+    chosen: set[int] = set()
+    for item in _split_list(spec):
+        try:
+            if "-" in item[1:]:
+                lo, hi = (int(x) for x in item.split("-", 1))
+                if lo > hi:
+                    raise ValueError
+                indices = range(lo, hi + 1)
+            else:
+                indices = [int(item)]
+        except ValueError:
+            raise ImmunizeError(f"--layers {spec!r}: {item!r} is not an index or a range a-b") from None
+        for i in indices:
+            j = i + num_layers if i < 0 else i
+            if not 0 <= j < num_layers:
+                raise ImmunizeError(f"--layers {spec!r}: layer {i} out of range (the model has {num_layers})")
+            chosen.add(j)
+    if not chosen:
+        raise ImmunizeError(f"--layers {spec!r}: no layers chosen")
+    return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class RepNoiseOptions:
+    """The loss's own options (``RepNoiseConfig.loss_options()``); usable without a Trainer."""
+
+    alpha: float = 1.0
+    beta: float = 0.001
+    activations: str = "mlp"
+    layers: str = "all"
+    lens_embeddings: bool = True
+    mmd_level: str = "sequence"
+    mmd_kernels: int = 5
+    mmd_multiplier: float = 2.0
+    mmd_bandwidth: str = "mean"
+    ablate: frozenset[str] = frozenset()
+    lens_chunk_tokens: int = 0
+
+    def uses(self, term: str) -> bool:
+        return term not in self.ablate
+
+
+@dataclass
+class RepNoiseConfig(ImmunizeTrainingArguments):
+    """RepNoise options; training defaults are the paper's.
+
+    Adam (AdamW, no weight decay), lr 2e-5, batch 8, one epoch, cosine schedule, 10% warm-up.
+    """
+
+    alpha: float = field(default=1.0, metadata={"help": "weight α of the ascent term −α·log(1 + ascent)"})
+    beta: float = field(default=0.001, metadata={"help": "weight β of the noise (MMD) term"})
+    activations: str = field(default="mlp", metadata={
+        "help": "activations pushed towards noise: mlp (each layer's MLP output, the paper) or residual "
+                "(each layer's output residual stream)"})
+    layers: str = field(default="all", metadata={
+        "help": "decoder layers for the noise and lens terms: all, or indices/ranges like 0-9,20,-1"})
+    lens_embeddings: bool = field(default=True, metadata={
+        "help": "also read the embedding output (input of layer 0) through the lens, as the paper's code"})
+    mmd_level: str = field(default="sequence", metadata={
+        "help": "sequence (a sample per sequence's masked activations, the paper) or token (per token)"})
+    mmd_kernels: int = field(default=5, metadata={"help": "number of RBF kernels in the MMD"})
+    mmd_multiplier: float = field(default=2.0, metadata={"help": "bandwidth ratio of consecutive kernels"})
+    mmd_bandwidth: str = field(default="mean", metadata={
+        "help": "base bandwidth from the pooled squared distances: mean (the paper's code) or median"})
+    ablate: str = field(default="", metadata={
+        "help": f"comma list of terms to switch off (paper ablations): {', '.join(ABLATIONS)}; "
+                "'lens' reads the ascent from the output only, 'mask' scores every harmful token"})
+    held_out_categories: str = field(default="", metadata={
+        "help": "comma list of BeaverTails categories kept out of the defence data (cross-domain tests)"})
+    lens_chunk_tokens: int = field(default=0, metadata={
+        "help": "rows per LM-head chunk in the lens (0: about 64 MiB of fp32 logits per chunk)"})
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate (paper: 2e-5)"})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "pairs per device step (paper: 8)"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs over the pairs (paper: 1)"})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "lr schedule (paper: cosine)"})
+    warmup_steps: float = field(default=0.1, metadata={
+        "help": "warm-up: steps, or a fraction of all steps if below 1 (paper: 0.1)"})
+    output_dir: str = field(default="runs/defend-repnoise",
+                            metadata={"help": "where checkpoints and the model go"})
+
+    def __post_init__(self):
+        for name, value, choices in (("activations", self.activations, ACTIVATIONS),
+                                     ("mmd_level", self.mmd_level, MMD_LEVELS),
+                                     ("mmd_bandwidth", self.mmd_bandwidth, BANDWIDTHS)):
+            if value not in choices:
+                raise ImmunizeError(f"--{name} {value!r}: use one of {', '.join(choices)}")
+        unknown = set(_split_list(self.ablate)) - set(ABLATIONS)
+        if unknown:
+            raise ImmunizeError(f"--ablate: unknown term(s) {', '.join(sorted(unknown))} "
+                                f"(use {', '.join(ABLATIONS)})")
+        if {"stability", "noise", "ascent"} <= set(_split_list(self.ablate)):
+            raise ImmunizeError("--ablate: stability, noise and ascent all off leaves nothing to train")
+        if self.alpha < 0 or self.beta < 0:
+            raise ImmunizeError("--alpha and --beta must be non-negative")
+        if self.mmd_kernels < 1 or self.mmd_multiplier <= 0:
+            raise ImmunizeError("--mmd_kernels must be >= 1 and --mmd_multiplier > 0")
+        if self.lens_chunk_tokens < 0:
+            raise ImmunizeError("--lens_chunk_tokens must be >= 0")
+        if self.layers.strip() != "all":
+            select_layers(self.layers, 10**6)  # syntax now; the range once the model is loaded
+        super().__post_init__()  # resolves the deprecated gradient_checkpointing* aliases
+        if self.activation_checkpointing:
+            kwargs = dict(self.activation_checkpointing_kwargs or {})
+            if kwargs.get("use_reentrant", False):
+                raise ImmunizeError("--activation_checkpointing_kwargs use_reentrant=true: RepNoise reads "
+                                    "activations inside checkpointed layers, which needs non-reentrant "
+                                    "checkpointing")
+            kwargs["use_reentrant"] = False
+            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
+
+    def loss_options(self) -> RepNoiseOptions:
+        return RepNoiseOptions(
+            alpha=self.alpha, beta=self.beta, activations=self.activations, layers=self.layers,
+            lens_embeddings=self.lens_embeddings, mmd_level=self.mmd_level, mmd_kernels=self.mmd_kernels,
+            mmd_multiplier=self.mmd_multiplier, mmd_bandwidth=self.mmd_bandwidth,
+            ablate=frozenset(_split_list(self.ablate)), lens_chunk_tokens=self.lens_chunk_tokens,
+        )
+
+
+@dataclass
+class RepNoiseTerms:
+    """One micro-batch's loss terms (tensors carry gradients; ``None`` when ablated)."""
+
+    stability: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    ascent: torch.Tensor | None = None
+    ascent_per_layer: list[float] = field(default_factory=list)  # lens order: [embeddings,] layers
+    noise_per_layer: list[float] = field(default_factory=list)
+    harmful_ce: float | None = None  # ascent read from the output (the last layer), for logging
+    harmful_tokens: int = 0
+    refusal_tokens: int = 0
+
+    def loss(self, options: RepNoiseOptions) -> torch.Tensor:
+        parts = []
+        if self.stability is not None:
+            parts.append(self.stability)
+        if self.noise is not None:
+            parts.append(options.beta * self.noise)
+        if self.ascent is not None:
+            parts.append(-options.alpha * torch.log1p(self.ascent))
+        return torch.stack(parts).sum()
+
+
+class _Readout:
+    """The hooks of one RepNoise forward and the loss terms they produce."""
+
+    def __init__(self, points: ResolvedHookPoints, options: RepNoiseOptions, batch: dict, generator):
+        self.points, self.options, self.generator = points, options, generator
+        last = points.num_layers - 1
+        self.layers = select_layers(options.layers, points.num_layers)
+        if options.uses("ascent"):
+            self.lens_layers = self.layers if options.uses("lens") else [last]
+        else:
+            self.lens_layers = []
+        self.lens_embeddings = options.uses("ascent") and options.uses("lens") and options.lens_embeddings
+        noise_residual = options.uses("noise") and options.activations == "residual"
+        self.residual_layers = sorted(set(self.lens_layers) | ({last} if options.uses("stability") else set())
+                                      | (set(self.layers) if noise_residual else set()))
+        self.mlp_layers = self.layers if options.uses("noise") and options.activations == "mlp" else []
+
+        self.batch_size = batch["harmful_targets"].shape[0]
+        self.mask = batch["harmful_mask"]
+        # Single shift: the prediction at p scores the label at p + 1.
+        harmful, refusal = batch["harmful_targets"], batch["refusal_labels"]
+        self.harm_rows, self.harm_pos = (harmful[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        self.harm_targets = harmful[self.harm_rows, self.harm_pos + 1]
+        ref_rows, self.ref_pos = (refusal[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        self.ref_targets = refusal[ref_rows, self.ref_pos + 1]
+        self.ref_rows = ref_rows + self.batch_size
+
+        self.residual: dict[int, torch.Tensor] = {}
+        self.mlp: dict[int, torch.Tensor] = {}
+        self.embeddings: torch.Tensor | None = None
+        self.terms: RepNoiseTerms | None = None
+        self._in_head = False
+
+    def register(self, hooks: HookSet) -> None:
+        for i in self.residual_layers:
+            hooks.forward(self.points.layers[i], partial(self._keep, self.residual, i))
+        for i in self.mlp_layers:
+            hooks.forward(self.points.mlps[i], partial(self._keep, self.mlp, i))
+        if self.lens_embeddings:
+            hooks.pre_forward(self.points.layers[0], self._keep_embeddings)
+        hooks.pre_forward(self.points.lm_head, self._on_head)
+
+    # Capture hooks: references only, no arithmetic (see the module docstring).
+    @staticmethod
+    def _keep(store: dict, index: int, module, args, output) -> None:
+        store[index] = output_tensor(output)
+
+    def _keep_embeddings(self, module, args, kwargs) -> None:
+        self.embeddings = input_tensor(args, kwargs)
+
+    def _on_head(self, module, args, kwargs) -> None:
+        if self._in_head:  # the lens calling the head itself (non-Linear heads)
+            return
+        if self.terms is not None:
+            raise RuntimeError("RepNoise: the LM head ran twice in one forward (one forward per micro-step)")
+        self._in_head = True
+        try:
+            self.terms = self._compute()
+        finally:
+            self._in_head = False
+            self.residual.clear()
+            self.mlp.clear()
+            self.embeddings = None
+
+    def _lens(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return head_cross_entropy(self.points.head_input(hidden), self.points.lm_head, targets,
+                                  self.options.lens_chunk_tokens or None)
+
+    def _compute(self) -> RepNoiseTerms:
+        terms = RepNoiseTerms(harmful_tokens=len(self.harm_targets), refusal_tokens=len(self.ref_targets))
+        last = self.points.num_layers - 1
+        if self.options.uses("stability"):
+            hidden = self.residual[last][self.ref_rows, self.ref_pos]
+            total, _ = self._lens(hidden, self.ref_targets)
+            terms.stability = total / max(len(self.ref_targets), 1)
+        if self.lens_layers:
+            states = [self.residual[i] for i in self.lens_layers]
+            if self.lens_embeddings:
+                states.insert(0, self.embeddings)
+            n = len(self.harm_targets)
+            hidden = torch.cat([s[self.harm_rows, self.harm_pos] for s in states])
+            total, per_row = self._lens(hidden, self.harm_targets.repeat(len(states)))
+            terms.ascent = total / max(n * len(states), 1)
+            per_layer = per_row.view(len(states), n).mean(1) if n else per_row.new_zeros(len(states))
+            terms.ascent_per_layer = per_layer.tolist()
+            if self.lens_layers[-1] == last:
+                terms.harmful_ce = terms.ascent_per_layer[-1]
+        if self.options.uses("noise"):
+            store = self.mlp if self.options.activations == "mlp" else self.residual
+            # Some MLPs (OPT's fc2) see the batch flattened to (rows × positions, d).
+            rows, width = self.mask.shape[0] * 2, self.mask.shape[1]
+            values = [self._mmd(store[i].reshape(rows, width, -1)[: self.batch_size]) for i in self.layers]
+            terms.noise = torch.stack(values).mean()
+            terms.noise_per_layer = [v.item() for v in values]
+        return terms
+
+    def _mmd(self, acts: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(kernels=self.options.mmd_kernels, multiplier=self.options.mmd_multiplier,
+                      bandwidth=self.options.mmd_bandwidth)
+        if self.options.mmd_level == "sequence":
+            # One sample per sequence: its activations at the tokens in M, zero elsewhere (the paper).
+            keep = self.mask[..., None].to(acts.dtype)
+            noise = torch.randn(acts.shape, generator=self.generator, device=acts.device, dtype=acts.dtype)
+            return mmd_rbf((acts * keep).flatten(1), (noise * keep).flatten(1), **kwargs)
+        tokens = acts[self.mask]
+        noise = torch.randn(tokens.shape, generator=self.generator, device=acts.device, dtype=acts.dtype)
+        return mmd_rbf_checkpointed(tokens, noise, **kwargs)
+
+
+def repnoise_loss(model, batch: dict, options: RepNoiseOptions, generator: torch.Generator | None = None):
+    """One forward of ``model`` on a ``PairedCollator`` batch; returns ``(loss, terms, outputs)``."""
+    points = resolve_hook_points(model)
+    readout = _Readout(points, options, batch, generator)
+    with HookSet() as hooks:
+        readout.register(hooks)
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        use_cache=False, logits_to_keep=1)
+    if readout.terms is None:
+        raise RuntimeError(f"RepNoise: the LM head of {points.model_type!r} never ran; "
+                           "check its entry in immunize.hooks.ARCHITECTURES")
+    return readout.terms.loss(options), readout.terms, outputs
+
+
+class RepNoiseTrainer(Trainer):
+    """``Trainer`` whose loss is RepNoise's: one forward per micro-step on [harmful; refusal] rows."""
+
+    # compute_loss returns a per-micro-batch mean; Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_options: RepNoiseOptions = self.args.loss_options()
+        self._logged: dict[str, list[float]] = {}
+        self._micro = (-1, 0)  # (global step, micro-step within it): seeds the noise reproducibly
+
+    def _noise_generator(self, device: torch.device) -> torch.Generator:
+        step, micro = self._micro
+        self._micro = (self.state.global_step, micro + 1 if step == self.state.global_step else 0)
+        seed = hash((self.args.seed, self.args.process_index, *self._micro)) & (2**63 - 1)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        generator = self._noise_generator(inputs["input_ids"].device)
+        loss, terms, outputs = repnoise_loss(model, inputs, self.loss_options, generator)
+        check_finite(loss, self.state.global_step, self.args.output_dir)
+        if model.training:
+            for name in ("stability", "noise", "ascent"):
+                value = getattr(terms, name)
+                if value is not None:
+                    self._logged.setdefault(name, []).append(value.item())
+            if terms.harmful_ce is not None:
+                self._logged.setdefault("harmful_ce", []).append(terms.harmful_ce)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # training logs carry the mean of each term since the last log
+            logs.update({k: round(sum(v) / len(v), 6) for k, v in self._logged.items() if v})
+            self._logged.clear()
+        super().log(logs, start_time)
+
+
+def _categories(value: str) -> tuple[str, ...]:
+    return tuple(_split_list(value))
+
+
+def build_defence_pairs(cfg: RepNoiseConfig):
+    """Pairs from the defence split only (never the attack or evaluation prompts), first N if asked."""
+    from immunize.data import RefusalBank, build_pairs, load_splits
+    from immunize.training import take
+
+    splits = load_splits(root=cfg.data_root, held_out_categories=_categories(cfg.held_out_categories))
+    pairs = build_pairs(splits.defence, RefusalBank.from_data(cfg.data_root))
+    return take(pairs, cfg.num_samples, "defence pairs"), splits
+
+
+# Options that decide what a run computes: a restarted run must match them to resume or to be skipped.
+_IDENTITY_FIELDS = (
+    "model", "data_root", "prompt_format", "max_length", "num_samples", "dtype", "use_lora", "lora_r",
+    "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora", "alpha", "beta", "activations",
+    "layers", "lens_embeddings", "mmd_level", "mmd_kernels", "mmd_multiplier", "mmd_bandwidth", "ablate",
+    "held_out_categories", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "num_train_epochs", "max_steps", "seed", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
+)
+IDENTITY_FILE = "immunize-run.json"
+
+
+def run_identity(cfg: RepNoiseConfig) -> dict:
+    return {name: str(getattr(cfg, name)) for name in _IDENTITY_FIELDS}
+
+
+def _check_identity(out: Path, identity: dict) -> None:
+    from immunize.io import read_json
+
+    path = out / IDENTITY_FILE
+    if not path.is_file():
+        return
+    previous = read_json(path).get("identity", {})
+    changed = sorted(k for k in identity if previous.get(k) != identity[k])
+    if changed:
+        raise ImmunizeError(f"--output_dir {out}: holds a run with different {', '.join(changed)}; "
+                            "choose another --output_dir (or delete it) to start afresh")
+
+
+@register_defence("repnoise", RepNoiseConfig, "Representation Noising (Rosati et al., NeurIPS 2024)")
+def run(cfg: RepNoiseConfig) -> Path:
+    from immunize.config import fingerprint, write_provenance
+    from immunize.io import atomic_write_json
+    from immunize.models import model_fingerprint
+    from immunize.training import StepTimer, is_complete, load_training_model, run_training, save_final_model
+
+    out = Path(cfg.output_dir)
+    identity = run_identity(cfg)
+    _check_identity(out, identity)
+    if is_complete(out):
+        log.warning("%s: already complete with the same options; nothing to do", out)
+        return out
+
+    pairs, splits = build_defence_pairs(cfg)
+    model, tokenizer = load_training_model(cfg)
+    points = resolve_hook_points(model)
+    select_layers(cfg.layers, points.num_layers)
+    features, dropped = encode_pairs(tokenizer, pairs, cfg.prompt_format, cfg.max_length)
+    if not features:
+        raise ImmunizeError(f"no usable defence pairs at --max_length {cfg.max_length} (dropped: {dropped})")
+    data = {
+        "pairs_sha256": fingerprint([[p.prompt, p.harmful, p.refusal, list(p.categories)] for p in pairs],
+                                    64),
+        "features_sha256": fingerprint(features, 64),
+        "pairs": len(pairs), "pairs_used": len(features), "pairs_dropped": dropped,
+        "defence_split_rows": len(splits.defence),
+        "held_out_categories": list(_categories(cfg.held_out_categories)),
+    }
+    base_fingerprint = model_fingerprint(cfg.model)
+    atomic_write_json(out / IDENTITY_FILE, {"defence": "repnoise", "identity": identity})
+    write_provenance(out, {"defence": cfg}, extra={"defence": "repnoise", "data": data,
+                                                   "base_model_fingerprint": base_fingerprint,
+                                                   "architecture": points.model_type})
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    collator = PairedCollator(pad, all_tokens="mask" in cfg.loss_options().ablate)
+    trainer = RepNoiseTrainer(model=model, args=cfg, train_dataset=features, processing_class=tokenizer,
+                              data_collator=collator)
+    timer = StepTimer()
+    result = run_training(trainer)
+    history = [e for e in trainer.state.log_history if "loss" in e]
+    save_final_model(trainer, tokenizer, {
+        "defence": "repnoise", "base_model": cfg.model, "base_model_fingerprint": base_fingerprint,
+        "options": identity, "data": data, "train_loss": result.training_loss,
+        "first_log": history[0] if history else None, "last_log": history[-1] if history else None,
+        **timer.summary(trainer.state.global_step),
+    })
+    return out
