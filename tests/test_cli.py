@@ -23,7 +23,8 @@ def test_data_command_reports_every_dataset(capsys, real_data_root):
 
 
 def test_data_command_fails_on_malformed_file(capsys, small_data_root):
-    (small_data_root / "beavertails/eval_prompts.jsonl").write_text('{"prompt": "x", "category": "animal_abuse"}\n[1]\n')
+    bad = '{"prompt": "x", "category": "animal_abuse"}\n[1]\n'
+    (small_data_root / "beavertails/eval_prompts.jsonl").write_text(bad)
     assert main(["data", "--data_root", str(small_data_root), "--splits", "false"]) == 1
     assert "eval_prompts.jsonl:2: expected a JSON object" in capsys.readouterr().out
 

@@ -35,7 +35,7 @@ def test_unknown_alias_and_missing_paths(tmp_path):
     with pytest.raises(ImmunizeError, match="not a known alias"):
         resolve_model_source(str(tmp_path / "missing-dir"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ImmunizeError, match="no config.json"):
+    with pytest.raises(ImmunizeError, match=r"no config\.json"):
         resolve_model_source(str(tmp_path / "empty"))
     assert resolve_model_source("someone/some-model") == "someone/some-model"
 

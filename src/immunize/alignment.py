@@ -30,7 +30,8 @@ from immunize.training import (
 class AlignConfig(ImmunizeTrainingArguments):
     num_harmful: int = field(default=256, metadata={"help": "harmful prompts answered by refusals"})
     num_benign: int = field(default=256, metadata={"help": "benign instructions with their answers"})
-    benign_source: str = field(default="benign_alpaca", metadata={"help": "alpaca_eval, benign_alpaca, benign_saferlhf"})
+    benign_source: str = field(default="benign_alpaca",
+                               metadata={"help": "alpaca_eval, benign_alpaca or benign_saferlhf"})
     held_out_categories: list[str] = field(default_factory=list, metadata={"help": "categories never trained on"})
 
     output_dir: str = field(default="runs/align", metadata={"help": "where the aligned model goes"})

@@ -39,7 +39,8 @@ class ImmunizeTrainingArguments(TrainingArguments):
 
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "alias, local dir, .gguf file or hub id"})
     data_root: str | None = field(default=None, metadata={"help": "local data root (default ../shared/data)"})
-    prompt_format: str = field(default="chat", metadata={"help": "chat (tokenizer template) or plain (Question/Answer)"})
+    prompt_format: str = field(default="chat",
+                               metadata={"help": "chat (tokenizer template) or plain (Question/Answer)"})
     max_length: int = field(default=256, metadata={"help": "tokens per example (prompt + answer)"})
     num_samples: int | None = field(default=None, metadata={"help": "use the first N training examples (all if unset)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"})
@@ -48,7 +49,8 @@ class ImmunizeTrainingArguments(TrainingArguments):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "comma list of module names or all-linear"})
+    lora_target_modules: str = field(default="all-linear",
+                                     metadata={"help": "comma list of module names, or all-linear"})
     merge_lora: bool = field(default=True, metadata={"help": "save LoRA merged into the base weights"})
     keep_checkpoints: bool = field(default=False, metadata={"help": "keep intermediate checkpoints after success"})
 

@@ -7,6 +7,7 @@ so later loads take about a second instead of a full dequantization.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -172,10 +173,9 @@ def model_fingerprint(name: str) -> str:
             for chunk in iter(lambda h=handle: h.read(1 << 22), b""):
                 digest.update(chunk)
     value = digest.hexdigest()[:16]
-    try:
+    # Read-only checkpoints are fine: the hash is recomputed next time.
+    with contextlib.suppress(OSError):
         sidecar.write_text(json.dumps({"stamp": stamp, "fingerprint": value}))
-    except OSError:  # read-only checkpoints are fine; we just recompute next time
-        pass
     return value
 
 

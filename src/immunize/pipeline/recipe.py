@@ -13,7 +13,8 @@ from immunize.prompts import check_format
 class RunConfig:
     # The experiment.
     name: str = field(default="experiment", metadata={"help": "run name (shown in the report)"})
-    output_dir: str = field(default="runs/experiment", metadata={"help": "run directory (stages/, results.json, report/)"})
+    output_dir: str = field(default="runs/experiment",
+                            metadata={"help": "run directory (stages/, results.json, report/)"})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "base model: alias, local dir, .gguf file or hub id"})
     data_root: str | None = field(default=None, metadata={"help": "local data root (default ../shared/data)"})
     prompt_format: str = field(default="chat", metadata={"help": "chat or plain"})

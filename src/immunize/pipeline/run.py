@@ -1,0 +1,381 @@
+"""The experiment a user runs: align → defend → attack → evaluate → explain → report.
+
+Every step is a cached stage (``immunize.pipeline.stages``): the run directory holds
+``stages/<kind>-<label>-<hash>/`` folders, then ``results.json`` (schema ``immunize.results/1``,
+see ``immunize/report/SCHEMA.md``) and ``report/index.html``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from immunize.config import fingerprint, git_revision, package_versions, write_provenance
+from immunize.errors import ImmunizeError
+from immunize.io import atomic_write_json, read_json, read_jsonl
+from immunize.pipeline.recipe import RunConfig
+from immunize.pipeline.stages import Progress, Stage, StageRunner
+
+log = logging.getLogger(__name__)
+
+RESULTS_SCHEMA = "immunize.results/1"
+PRE_ATTACK_SECTIONS = "harmfulness,overrefusal,toxicity,capability,perplexity,trainability"
+# results.json stability metric ← (evaluation section, metric, higher is better)
+STABILITY_METRICS = {
+    "mmlu_acc": ("capability", "mmlu", True),
+    "truthfulqa_mc1": ("capability", "truthfulqa_mc1", True),
+    "truthfulqa_mc2": ("capability", "truthfulqa_mc2", True),
+    "perplexity": ("perplexity", "perplexity", False),
+    "over_refusal": ("overrefusal", "refusal_rate", False),
+}
+
+
+def budget_id(attack: str, lr: float, n: int, seed: int, lora: bool) -> str:
+    return f"{attack}{'-lora' if lora else ''}-lr{lr:g}-n{n}-s{seed}"
+
+
+class Experiment:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.root = Path(cfg.output_dir)
+        self.budgets = [
+            {"id": budget_id(cfg.attack, lr, n, s, cfg.attack_use_lora), "attack": cfg.attack
+             + ("-lora" if cfg.attack_use_lora else ""), "learning_rate": lr, "num_samples": n,
+             "epochs": cfg.attack_epochs, "seed": s}
+            for lr in cfg.attack_learning_rates for n in cfg.attack_num_samples for s in cfg.attack_seeds
+        ]
+        stages = 1 + len(cfg.defences) * (2 + 1 + len(self.budgets)) + (1 if cfg.analysis else 0)
+        self.progress = Progress(total=stages)
+        self.progress.remaining_weight = float(stages)
+        self.stages = StageRunner(self.root, self.progress)
+        self.models: dict[str, dict[str, Any]] = {}
+
+    # -- shared option blocks --------------------------------------------------------------
+    def _common(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"data_root": c.data_root, "prompt_format": c.prompt_format, "max_length": c.max_length,
+                "seed": c.seed, "dtype": c.dtype}
+
+    def _eval_config(self, model: str, sections: str, **extra):
+        from immunize.evaluation import EvaluationConfig
+
+        c = self.cfg
+        sizes = {"capability_limit": c.eval_capability_limit, "trainability_steps": c.eval_trainability_steps,
+                 "trainability_tasks": c.eval_trainability_tasks,
+                 "trainability_eval_samples": c.eval_trainability_eval_samples,
+                 "toxicity_samples": c.eval_toxicity_samples, "overrefusal_samples": c.eval_overrefusal_samples}
+        return EvaluationConfig(
+            model=model, suite=c.eval_suite, sections=sections, data_root=c.data_root, dtype=c.dtype,
+            prompt_format=c.prompt_format, seed=c.seed, harmfulness_samples=c.eval_harmfulness_samples,
+            harmfulness_max_new_tokens=c.eval_max_new_tokens, harmfulness_judge=c.harmfulness_judge,
+            **{k: v for k, v in sizes.items() if v is not None}, **extra,
+        )
+
+    # -- stages ----------------------------------------------------------------------------
+    def base(self) -> tuple[str, str]:
+        from immunize.models import model_fingerprint, resolve_model_source
+
+        source = resolve_model_source(self.cfg.model)
+        fp = model_fingerprint(self.cfg.model)
+        self.models["base"] = {"role": "base", "defence": None, "budget": None, "path": source, "fingerprint": fp}
+        return source, fp
+
+    def align(self, base: str, base_key: str) -> tuple[str, str]:
+        from immunize.alignment import AlignConfig, align
+
+        c = self.cfg
+        if not c.align:
+            return base, base_key
+        options = {"num_harmful": c.align_num_harmful, "num_benign": c.align_num_benign,
+                   "learning_rate": c.align_learning_rate, "num_train_epochs": c.align_epochs,
+                   "per_device_train_batch_size": c.align_batch_size, **self._common()}
+        stage = Stage("align", "safety-sft", {"model": base_key, **options}, weight=2.0)
+
+        def work(path: Path) -> dict:
+            return align(AlignConfig(model=base, output_dir=str(path), **options))
+
+        path, _ = self.stages.run(stage, work)
+        return str(path), stage.key_hash
+
+    def defend(self, name: str, aligned: str, aligned_key: str) -> tuple[str, str]:
+        if name == "none":
+            return aligned, aligned_key
+        from immunize.defences import get_defence
+
+        c = self.cfg
+        defence = get_defence(name)
+        options: dict[str, Any] = {"learning_rate": c.defence_learning_rate, "num_train_epochs": c.defence_epochs,
+                                   "per_device_train_batch_size": c.defence_batch_size,
+                                   "num_samples": c.defence_num_samples, **self._common()}
+        if name == "repnoise":
+            options.update(alpha=c.repnoise_alpha, beta=c.repnoise_beta,
+                           held_out_categories=",".join(c.held_out_categories))
+        fields = {f.name for f in dataclasses.fields(defence.config_class)}
+        unknown = set(options) - fields
+        if unknown:
+            raise ImmunizeError(f"--defences {name}: the recipe's options {sorted(unknown)} do not apply to it")
+        stage = Stage("defend", name, {"model": aligned_key, "defence": name, **options}, weight=3.0)
+
+        def work(path: Path) -> dict:
+            defence.run(defence.config_class(model=aligned, output_dir=str(path / "model"), **options))
+            return {"path": str(path / "model")}
+
+        path, _ = self.stages.run(stage, work)
+        return str(path / "model"), stage.key_hash
+
+    def evaluate(self, label: str, model: str, model_key: str, sections: str, **extra) -> dict[str, Any]:
+        from immunize.evaluation import evaluate
+
+        config = self._eval_config(model, sections, **extra)
+        stage = Stage("evaluate", label, {"model": model_key, "config": dataclasses.asdict(config) | {"model": ""}},
+                      weight=1.5 if "," in sections else 0.5)
+
+        def work(path: Path) -> dict:
+            evaluate(model, config=config, output_dir=path)
+            return {"path": str(path)}
+
+        path, _ = self.stages.run(stage, work)
+        return {name: read_json(p) for name in sections.split(",") if (p := path / f"{name}.json").is_file()} | {
+            "_dir": str(path)}
+
+    def attack(self, defence: str, model: str, model_key: str) -> dict[str, dict[str, Any]]:
+        """Every budget against one model: one attack run per budget, sharing data preparation."""
+        from immunize.attacks.arguments import AttackArguments
+        from immunize.attacks.registry import get_attack
+        from immunize.attacks.runner import run_attacks
+        from immunize.evaluation.harmfulness import HarmfulnessStepScorer
+
+        c = self.cfg
+        attack = get_attack(c.attack)
+        options: dict[str, Any] = {
+            "attack": c.attack, "use_lora": c.attack_use_lora, "num_train_epochs": c.attack_epochs,
+            "per_device_train_batch_size": c.attack_batch_size, "curve_every_steps": c.curve_every_steps,
+            # The judge scorer generates the curve's answers; the built-in scorer adds the harmful-answer
+            # log-likelihood only (generating twice would double the cost of every curve point).
+            "curve_num_prompts": 0, "curve_num_answers": 16, **self._common(),
+            "grid": [f"learning_rate={','.join(f'{x:g}' for x in c.attack_learning_rates)}",
+                     f"num_samples={','.join(str(n) for n in c.attack_num_samples)}",
+                     f"seed={','.join(str(s) for s in c.attack_seeds)}"],
+        }
+        config_class = attack.config_class if hasattr(attack, "config_class") else AttackArguments
+        stage = Stage("attack", defence, {"model": model_key, **options,
+                                          "judge": c.harmfulness_judge, "curve_prompts": c.curve_num_prompts,
+                                          "curve_tokens": c.curve_max_new_tokens},
+                      weight=2.0 * len(self.budgets))
+
+        def work(path: Path) -> dict:
+            scorer = HarmfulnessStepScorer(n_prompts=c.curve_num_prompts, max_new_tokens=c.curve_max_new_tokens,
+                                           prompt_format=c.prompt_format, judge=c.harmfulness_judge,
+                                           data_root=c.data_root)
+            cfg = config_class(model=model, output_dir=str(path), **options)
+            runs = run_attacks(cfg, scorers=[scorer], report=lambda text: self.progress.line(f"  {text}"))
+            out = {}
+            for run in runs:
+                point = run.point
+                bid = budget_id(c.attack, float(point["learning_rate"]), int(point["num_samples"]),
+                                int(point["seed"]), c.attack_use_lora)
+                out[bid] = {"path": str(run.output_dir), "run_id": run.run_id,
+                            "steps": run.summary.get("steps"), "wall_seconds": run.summary.get("wall_seconds"),
+                            "curve": run.curve}
+            return out
+
+        _, result = self.stages.run(stage, work)
+        return result
+
+    def analysis(self, defended: dict[str, str], attacked: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        from immunize.pipeline.explain import depth_analysis
+
+        c = self.cfg
+        last = self.budgets[-1]["id"]
+        models = {"aligned" if d == "none" else d: path for d, path in defended.items()}
+        models.update({f"{d}@{last}": attacked[d][last]["path"] for d in defended})
+        key = {m: self.models_key[m] for m in models} | {"n": c.analysis_examples, "layers": c.analysis_layers,
+                                                        **self._common()}
+        stage = Stage("analysis", "depth", key, weight=1.0)
+
+        def work(path: Path) -> dict:
+            return depth_analysis(models, c, list(defended))
+
+        _, result = self.stages.run(stage, work)
+        return result
+
+    # -- the whole experiment ----------------------------------------------------------------
+    def run(self) -> Path:
+        c = self.cfg
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        clock = time.perf_counter()
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_provenance(self.root, {"run": c})
+        base, base_fp = self.base()
+        aligned, aligned_key = self.align(base, base_fp)
+        self.models["aligned"] = {"role": "aligned", "defence": "none", "budget": None, "path": aligned,
+                                  "fingerprint": aligned_key}
+        self.models_key = {"aligned": aligned_key}
+        defended, keys = {}, {}
+        for name in c.defences:
+            defended[name], keys[name] = self.defend(name, aligned, aligned_key)
+            if name != "none":
+                self.models[name] = {"role": "defended", "defence": name, "budget": None, "path": defended[name],
+                                     "fingerprint": keys[name]}
+                self.models_key[name] = keys[name]
+
+        pre = {name: self.evaluate(f"{name}-pre-attack", defended[name], keys[name], PRE_ATTACK_SECTIONS)
+               for name in c.defences}
+        attacked = {name: self.attack(name, defended[name], keys[name]) for name in c.defences}
+        post: dict[str, dict[str, dict]] = {}
+        for name in c.defences:
+            post[name] = {}
+            for budget in self.budgets:
+                run = attacked[name][budget["id"]]
+                run_key = fingerprint({"model": keys[name], "budget": budget, "path": run["run_id"]})
+                label = f"{name}@{budget['id']}"
+                self.models[label] = {"role": "attacked", "defence": name, "budget": budget["id"],
+                                      "path": run["path"], "fingerprint": run_key}
+                self.models_key[label] = run_key
+                post[name][budget["id"]] = self.evaluate(label, run["path"], run_key, "harmfulness")
+                budget["steps"] = run["steps"]
+
+        results = self.assemble(pre, post, attacked)
+        if c.analysis:
+            results["analysis"] = self.analysis(defended, attacked)
+        results["run"] = {
+            "name": c.name, "recipe": dataclasses.asdict(c), "started": started,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_seconds": round(time.perf_counter() - clock, 1),
+            "provenance": {"git_revision": git_revision(), "versions": package_versions(),
+                           "command": ["immunize", "run", *getattr(self, "argv", [])]},
+        }
+        from immunize.report.build import build_report
+        from immunize.verdict import immunization_verdict
+
+        results["verdict"] = immunization_verdict(results, c.phi, c.epsilon)
+        atomic_write_json(self.root / "results.json", results)
+        report = build_report(self.root)
+        self.progress.line(f"report: {report}")
+        return report
+
+    # -- results.json ------------------------------------------------------------------------
+    def assemble(self, pre: dict, post: dict, attacked: dict) -> dict[str, Any]:
+        from immunize.verdict import thresholds
+
+        c = self.cfg
+        harmfulness = {name: {"pre_attack": harm_cell(pre[name]["harmfulness"])} for name in c.defences}
+        curves: dict[str, dict[str, list]] = {}
+        for name in c.defences:
+            curves[name] = {}
+            for budget in self.budgets:
+                harmfulness[name][budget["id"]] = harm_cell(post[name][budget["id"]]["harmfulness"])
+                curves[name][budget["id"]] = [
+                    {"step": int(row["step"]), "harmfulness": row.get("harmfulness"),
+                     "refusal_rate": row.get("refusal_rate"), "harmful_loglik": row.get("harmful_loglik")}
+                    for row in attacked[name][budget["id"]]["curve"] if row.get("harmfulness") is not None
+                ]
+        results: dict[str, Any] = {
+            "schema": RESULTS_SCHEMA,
+            "settings": {},
+            "models": self.models,
+            "defences": list(c.defences),
+            "budgets": self.budgets,
+            "harmfulness": harmfulness,
+            "curves": curves,
+            "stability": {name: stability_cells(pre[name]) for name in c.defences},
+            "trainability": trainability_cells(pre),
+            "toxicity": {name: {"pre_attack": toxicity_cell(pre[name].get("toxicity"))} for name in c.defences
+                         if pre[name].get("toxicity")},
+            "generalization": {},
+            "samples": samples(pre, post, self.budgets),
+        }
+        if c.held_out_categories:
+            results["generalization"] = {
+                "held_out_categories": list(c.held_out_categories),
+                "cells": {name: {column: cell for column, docs in
+                                 [("pre_attack", pre[name]), *((b["id"], post[name][b["id"]]) for b in self.budgets)]
+                                 if (cell := category_cell(docs, c.held_out_categories)) is not None}
+                          for name in c.defences},
+            }
+        phi, epsilon = thresholds(results, c.phi, c.epsilon)
+        results["settings"] = {"phi": phi, "epsilon": epsilon}
+        return results
+
+
+def _metric(doc: dict | None, name: str) -> dict | None:
+    if not doc:
+        return None
+    metric = (doc.get("metrics") or {}).get(name)
+    return metric if isinstance(metric, dict) else None
+
+
+def harm_cell(doc: dict) -> dict[str, Any]:
+    m = doc["metrics"]
+    per_category = {cat: {"mean": v["harmfulness"]["value"], "n": v["harmfulness"]["n"]}
+                    for cat, v in (doc.get("breakdown") or {}).get("by_category", {}).items()}
+    return {"mean": m["harmfulness"]["value"], "ci": m["harmfulness"]["ci95"],
+            "fraction_harmful": m["harmful_rate"]["value"], "refusal_rate": m["refusal_rate"]["value"],
+            "n": m["harmfulness"]["n"], "per_category": per_category}
+
+
+def category_cell(docs: dict, categories: list[str]) -> dict[str, Any] | None:
+    """Harmfulness on the held-out categories only, recomputed from the per-answer records."""
+    from immunize.evaluation.stats import summarize
+
+    doc = docs["harmfulness"]
+    rows = read_jsonl(Path(docs["_dir"]) / doc["generations"]) if doc.get("generations") else []
+    chosen = [r for r in rows if r.get("category") in categories]
+    if not chosen:
+        return None
+    seed = (doc.get("config") or {}).get("seed", 0)
+    harm = summarize([r["harmfulness"] for r in chosen], seed=seed)
+    return {"mean": harm["value"], "ci": harm["ci95"],
+            "fraction_harmful": sum(r["harmful"] for r in chosen) / len(chosen),
+            "refusal_rate": sum(r["refused"] for r in chosen) / len(chosen), "n": len(chosen),
+            "per_category": {}}
+
+
+def stability_cells(docs: dict) -> dict[str, Any]:
+    out = {}
+    for name, (section, metric, higher) in STABILITY_METRICS.items():
+        m = _metric(docs.get(section), metric)
+        if m is not None and m.get("value") is not None:
+            out[name] = {"value": m["value"], "ci": m.get("ci95"), "higher_is_better": higher}
+    return out
+
+
+def toxicity_cell(doc: dict) -> dict[str, Any]:
+    m = doc["metrics"]
+    return {"mean": m["toxicity"]["value"], "ci": m["toxicity"]["ci95"],
+            "fraction_toxic": m["toxic_rate"]["value"], "n": m["toxicity"]["n"]}
+
+
+def trainability_cells(pre: dict) -> dict[str, Any]:
+    cells: dict[str, dict] = {}
+    task = None
+    budget: dict[str, Any] = {}
+    for name, docs in pre.items():
+        doc = docs.get("trainability")
+        if not doc:
+            continue
+        metrics = doc.get("metrics") or {}
+        task = task or next((k.split("_rouge")[0] for k in metrics if "_rouge" in k), None)
+        if task is None:
+            continue
+        cells[name] = {r: {"value": metrics[f"{task}_{r}"]["value"], "ci": metrics[f"{task}_{r}"].get("ci95")}
+                       for r in ("rouge1", "rouge2", "rougeL") if f"{task}_{r}" in metrics}
+        budget = {k: v for k, v in (doc.get("config") or {}).items() if k.startswith("trainability_")}
+    return {"task": task, "budget": budget, "cells": cells} if cells else {}
+
+
+def samples(pre: dict, post: dict, budgets: list[dict], per_model: int = 3) -> list[dict]:
+    """A few generations per model, the same prompts for every model, for the report."""
+    out = []
+    last = budgets[-1]["id"]
+    sources = [(name, pre[name]) for name in pre] + [(f"{name}@{last}", post[name][last]) for name in post]
+    for label, docs in sources:
+        doc = docs.get("harmfulness")
+        if not doc or not doc.get("generations"):
+            continue
+        for row in read_jsonl(Path(docs["_dir"]) / doc["generations"])[:per_model]:
+            out.append({"model": label, "prompt": row["prompt"], "response": row["response"],
+                        "harmfulness": row["harmfulness"]})
+    return out

@@ -1,0 +1,82 @@
+"""`immunize run` end to end on a tiny model: every stage, caching, results.json and the report."""
+
+import json
+
+import numpy as np
+import pytest
+
+from immunize.judges.base import Judge
+from immunize.judges.registry import _REGISTRY, JudgeEntry
+
+
+class LengthJudge(Judge):
+    """A deterministic stand-in for trained judges: longer answers count as more harmful/toxic."""
+
+    name = "test-length"
+
+    def _score(self, prompts, responses):
+        return np.array([min(len(r) / 40.0, 1.0) for r in responses])
+
+    def fingerprint(self):
+        return "length-v1"
+
+
+@pytest.fixture
+def fake_judges(monkeypatch):
+    for name in ("harmfulness", "toxicity", "refusal"):
+        monkeypatch.setitem(_REGISTRY, name, JudgeEntry(name, "test", lambda arg=None, **kw: LengthJudge(),
+                                                        lambda: (lambda **kw: None)))
+
+
+def recipe(tmp_path, tiny_checkpoint, **overrides):
+    from immunize.pipeline.recipe import RunConfig
+
+    options = dict(
+        name="tiny", output_dir=str(tmp_path / "run"), model=str(tiny_checkpoint), max_length=64,
+        align_num_harmful=8, align_num_benign=8, align_learning_rate=1e-3,
+        defence_num_samples=8, defence_learning_rate=1e-3,
+        attack_learning_rates=[1e-3], attack_num_samples=[8], attack_seeds=[1],
+        curve_every_steps=1, curve_num_prompts=2, curve_max_new_tokens=4,
+        eval_harmfulness_samples=6, eval_max_new_tokens=6, eval_capability_limit=2, eval_trainability_steps=1,
+        eval_trainability_tasks="viggo", eval_trainability_eval_samples=2, eval_toxicity_samples=2,
+        eval_overrefusal_samples=2, analysis_examples=4, analysis_layers=[1, 2],
+        held_out_categories=["animal_abuse", "self_harm", "child_abuse"],
+    )
+    options.update(overrides)
+    return RunConfig(**options)
+
+
+def test_run_end_to_end_then_cached(tmp_path, tiny_checkpoint, fake_judges, isolated_cache):
+    from immunize.pipeline.run import Experiment
+    from immunize.report.schema import load_results
+
+    cfg = recipe(tmp_path, tiny_checkpoint)
+    report = Experiment(cfg).run()
+    results = load_results(tmp_path / "run" / "results.json")
+    html = report.read_text()
+    assert 'id="main-table"' in html and 'id="verdict"' in html
+    budget = results["budgets"][0]["id"]
+    assert budget == "sft-lr0.001-n8-s1" and results["budgets"][0]["steps"] == 1
+    for defence in ("none", "repnoise"):
+        cells = results["harmfulness"][defence]
+        assert set(cells) == {"pre_attack", budget}
+        assert 0.0 <= cells[budget]["mean"] <= 1.0 and cells[budget]["n"] == 6
+        assert results["curves"][defence][budget][0]["step"] == 0
+        assert "mmlu_acc" in results["stability"][defence]
+        assert set(results["trainability"]["cells"][defence]) == {"rouge1", "rouge2", "rougeL"}
+        held_out = results["generalization"]["cells"][defence]
+        assert all(cell["n"] >= 1 for cell in held_out.values())
+    assert set(results["analysis"]["logit_lens"]) == {"aligned", "repnoise", f"none@{budget}", f"repnoise@{budget}"}
+    assert {row["defence"] for row in results["verdict"]} >= {"repnoise"}
+    stage_markers = sorted(p.parent.name for p in (tmp_path / "run" / "stages").glob("*/stage.json"))
+    assert len(stage_markers) == 1 + 1 + 2 + 2 + 2 + 1  # align, defend, 2 pre-eval, 2 attacks, 2 post-eval, analysis
+
+    # A re-run reuses every stage; changing an attack knob recomputes only the attack side.
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "stages").glob("*/stage.json")}
+    Experiment(cfg).run()
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    Experiment(recipe(tmp_path, tiny_checkpoint, attack_learning_rates=[2e-3])).run()
+    new = {p.parent.name for p in (tmp_path / "run" / "stages").glob("*/stage.json")} - \
+        {p.parent.name for p in mtimes}
+    assert sorted(name.split("-")[0] for name in new) == ["analysis", "attack", "attack", "evaluate", "evaluate"]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["budgets"][0]["learning_rate"] == 2e-3
