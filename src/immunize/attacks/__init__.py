@@ -1,0 +1,43 @@
+"""Attacks: fine-tune a (defended) model back into a harmful one, the way an adversary would.
+
+A registry of attacks (``register_attack`` / ``get_attack``), budget grids with stable run ids,
+and resistance curves (``ResistanceCurveCallback`` + ``StepScorer``). ``run_attacks`` runs a
+config end to end; ``immunize attack`` is its command line.
+"""
+
+from immunize.attacks.arguments import AttackArguments, ReversedPreferenceArguments, ToxicityAttackArguments
+from immunize.attacks.base import Attack
+from immunize.attacks.curve import (
+    CURVE_FILE,
+    KeywordRefusalScorer,
+    ResistanceCurveCallback,
+    StepScorer,
+    read_curve,
+)
+from immunize.attacks.data import AttackData
+from immunize.attacks.grid import expand_grid, parse_grid, run_id
+from immunize.attacks.registry import attack_names, get_attack, register_attack
+from immunize.attacks.runner import PlannedRun, RunResult, plan_runs, run_attacks
+
+__all__ = [
+    "CURVE_FILE",
+    "Attack",
+    "AttackArguments",
+    "AttackData",
+    "KeywordRefusalScorer",
+    "PlannedRun",
+    "ResistanceCurveCallback",
+    "ReversedPreferenceArguments",
+    "RunResult",
+    "StepScorer",
+    "ToxicityAttackArguments",
+    "attack_names",
+    "expand_grid",
+    "get_attack",
+    "parse_grid",
+    "plan_runs",
+    "read_curve",
+    "register_attack",
+    "run_attacks",
+    "run_id",
+]

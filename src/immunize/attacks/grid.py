@@ -1,0 +1,158 @@
+"""Budget grids and stable run ids.
+
+A grid is a mapping of option names to value lists; its runs are the Cartesian product, in the
+order the options and values were given. The same grid reads from flags
+(``--grid learning_rate=3e-5,6e-5 num_samples=1000,4000``) or YAML
+(``grid: {learning_rate: [3e-5, 6e-5], num_samples: [1000, 4000]}``).
+
+A run id reads as its budget and ends in a hash of everything that changes the attack, e.g.
+``sft-lr3e-05-n1000-e1-s42-1a2b3c4d``: the same config on the same model weights always gets the
+same id (on any machine, under any output root), so a finished run is found and skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers import TrainingArguments
+
+from immunize.config import config_to_dict, fingerprint
+from immunize.errors import ImmunizeError
+
+# Options a grid cannot sweep: they name the sweep itself, its place on disk, or its config class.
+_NOT_SWEEPABLE = {"grid", "output_dir", "attack", "config"}
+
+# TrainingArguments fields that change what an attack does; the rest (logging, saving, devices,
+# dataloader workers, hub pushes) do not enter the run id.
+_TRAINING_IDENTITY = (
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "optim", "optim_args",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "gradient_accumulation_steps",
+    "max_grad_norm", "label_smoothing_factor", "neftune_noise_alpha", "bf16", "fp16",
+    "per_device_train_batch_size", "num_train_epochs", "max_steps", "seed", "data_seed",
+)
+# Fields our configs add that do not change the attack: where things are, how they are scored and
+# kept. (Scoring settings are deliberately outside the id: changing them does not retrain a run.)
+_NOT_IDENTITY = {
+    "model", "data_root", "eval_source", "keep_checkpoints", "merge_lora", "grid", "trust_remote_code",
+    "model_init_kwargs",
+    "dataset_num_proc", "precompute_ref_batch_size", "activation_offloading", "pad_token",
+    "curve", "curve_every_steps", "curve_num_prompts", "curve_num_answers", "curve_max_new_tokens",
+    "curve_batch_size", "curve_save_models",
+}
+
+
+def parse_grid(spec: Mapping[str, Any] | Sequence[str] | None) -> dict[str, list[Any]]:
+    """``{"lr": [..]}`` (YAML) or ``["lr=3e-5,6e-5", ...]`` (flags) → ``{name: [raw values]}``."""
+    if not spec:
+        return {}
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+    elif isinstance(spec, str):
+        raise ImmunizeError(f"--grid {spec!r}: expected KEY=V1,V2 entries or a YAML mapping")
+    else:
+        items = []
+        for entry in spec:
+            if not isinstance(entry, str) or "=" not in entry:
+                raise ImmunizeError(f"--grid {entry!r}: expected KEY=V1,V2,... "
+                                    "(e.g. learning_rate=3e-5,6e-5)")
+            key, _, values = entry.partition("=")
+            items.append((key.strip(), [v.strip() for v in values.split(",")]))
+    grid: dict[str, list[Any]] = {}
+    for key, values in items:
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+        if key in grid:
+            raise ImmunizeError(f"--grid: {key!r} given twice")
+        if not values or any(v == "" for v in values):
+            raise ImmunizeError(f"--grid {key}: empty value list")
+        grid[key] = values
+    return grid
+
+
+def _field_type(cls: type, name: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints[name]
+
+
+def coerce(cls: type, name: str, raw: Any) -> Any:
+    """Convert a grid value (a string from the command line, or a YAML scalar) to the option's type."""
+    kind = _field_type(cls, name)
+    args = typing.get_args(kind)
+    optional = type(None) in args
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        scalars = [a for a in args if a is not type(None)]
+        kind = scalars[0] if len(scalars) == 1 else str
+    if typing.get_origin(kind) in (list, tuple, dict) or kind in (list, tuple, dict):
+        raise ImmunizeError(f"--grid {name}: list- and dict-valued options cannot be swept")
+    if optional and isinstance(raw, str) and raw.lower() in ("none", "null", "all"):
+        return None
+    if raw is None:
+        if optional:
+            return None
+        raise ImmunizeError(f"--grid {name}: None is not a valid value")
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            lowered = str(raw).lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return lowered in ("true", "1", "yes")
+        if kind is int:
+            value = float(raw)
+            if not value.is_integer():
+                raise ValueError(raw)
+            return int(value)
+        if kind is float:
+            return float(raw)
+        if isinstance(kind, type) and issubclass(kind, str):
+            return str(raw)
+    except ValueError:
+        what = getattr(kind, "__name__", kind)
+        raise ImmunizeError(f"--grid {name}: {raw!r} is not a valid {what}") from None
+    return raw
+
+
+def expand_grid(cfg: Any) -> list[tuple[dict[str, Any], Any]]:
+    """``[(point, config)]``: one config per grid point (just ``cfg`` when there is no grid)."""
+    grid = parse_grid(cfg.grid)
+    cls = type(cfg)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in grid:
+        if key not in names:
+            raise ImmunizeError(f"--grid: unknown option {key!r} for attack {cfg.attack!r}")
+        if key in _NOT_SWEEPABLE:
+            raise ImmunizeError(f"--grid: {key!r} cannot be swept")
+    typed = {key: [coerce(cls, key, v) for v in values] for key, values in grid.items()}
+    points = [dict(zip(typed, combo, strict=True)) for combo in itertools.product(*typed.values())]
+    seen: set[str] = set()
+    out = []
+    for point in points:
+        key = repr(sorted(point.items()))
+        if key in seen:
+            raise ImmunizeError(f"--grid: the point {point} appears twice (a repeated value)")
+        seen.add(key)
+        out.append((point, dataclasses.replace(cfg, grid=None, **point)))
+    return out
+
+
+def identity(cfg: Any) -> dict[str, Any]:
+    """The part of a resolved config that changes what an attack does (the run id hashes it)."""
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    resolved = config_to_dict(cfg)
+    keep = {f.name for f in dataclasses.fields(cfg) if f.init and f.name not in base} - _NOT_IDENTITY
+    keep |= set(_TRAINING_IDENTITY)
+    return {name: resolved[name] for name in sorted(keep) if name in resolved}
+
+
+def run_id(cfg: Any, model_fingerprint: str) -> str:
+    """``{attack}[-lora]-lr{lr}-n{samples}-{e{epochs}|steps{max_steps}}-s{seed}-{hash8}``."""
+    budget = f"steps{cfg.max_steps}" if cfg.max_steps and cfg.max_steps > 0 else f"e{cfg.num_train_epochs:g}"
+    samples = "all" if cfg.num_samples is None else str(cfg.num_samples)
+    digest = fingerprint({"attack": identity(cfg), "model": model_fingerprint}, length=8)
+    lora = "-lora" if cfg.use_lora else ""
+    return f"{cfg.attack}{lora}-lr{cfg.learning_rate:g}-n{samples}-{budget}-s{cfg.seed}-{digest}"

@@ -1,0 +1,209 @@
+"""Run attacks: expand the grid, prepare data once per data configuration, then train each run.
+
+Each run lives in ``ROOT/RUN_ID``: ``config.yaml`` and ``provenance.json`` (written before
+training), ``curve.jsonl``, the attacked model (safetensors) and the completion marker. A finished
+run is skipped; an interrupted one resumes from its last checkpoint. ``ROOT/attacks.jsonl``
+indexes every run under the root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, set_seed
+
+from immunize.attacks.arguments import AttackArguments
+from immunize.attacks.base import Attack
+from immunize.attacks.curve import KeywordRefusalScorer, ResistanceCurveCallback, StepScorer, read_curve
+from immunize.attacks.data import AttackData, stable_order
+from immunize.attacks.grid import expand_grid, run_id
+from immunize.attacks.registry import get_attack
+from immunize.config import write_provenance
+from immunize.data import BeaverTailsSplits, load_splits
+from immunize.errors import ImmunizeError
+from immunize.io import atomic_write_jsonl, read_json
+from immunize.training import StepTimer, is_complete, run_training, save_final_model
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "attacks.jsonl"
+
+
+@dataclass
+class PlannedRun:
+    run_id: str
+    point: dict[str, Any]  # the grid values of this run ({} without a grid)
+    cfg: AttackArguments  # resolved, with output_dir = ROOT/RUN_ID
+    model_fingerprint: str
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    output_dir: Path
+    status: str  # "trained" or "skipped" (already complete)
+    point: dict[str, Any]
+    summary: dict[str, Any] = field(default_factory=dict)  # the completion marker
+    curve: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Prepared:
+    splits: BeaverTailsSplits
+    data: AttackData
+
+
+def planned_steps(cfg: AttackArguments, n_examples: int) -> int:
+    """Optimizer steps the Trainer will take (its own arithmetic: batches per epoch, then accumulation)."""
+    if cfg.max_steps and cfg.max_steps > 0:
+        return cfg.max_steps
+    batches = math.ceil(n_examples / (cfg.per_device_train_batch_size * cfg.world_size))
+    per_epoch = max(batches // cfg.gradient_accumulation_steps, 1)
+    return math.ceil(cfg.num_train_epochs * per_epoch)
+
+
+def budget(run: PlannedRun, n_examples: int) -> dict[str, Any]:
+    """The attack budget in the report's terms (id, attack, learning rate, samples, epochs, steps, seed)."""
+    cfg = run.cfg
+    return {"id": run.run_id, "attack": cfg.attack + ("-lora" if cfg.use_lora else ""),
+            "learning_rate": cfg.learning_rate, "num_samples": n_examples, "epochs": cfg.num_train_epochs,
+            "steps": planned_steps(cfg, n_examples), "seed": cfg.seed,
+            "batch_size": cfg.per_device_train_batch_size * cfg.world_size * cfg.gradient_accumulation_steps,
+            "use_lora": cfg.use_lora, "held_out_categories": cfg.held_out_categories}
+
+
+def plan_runs(cfg: AttackArguments) -> list[PlannedRun]:
+    """Every run of ``cfg`` (one per grid point) with its id and folder; nothing is loaded but hashes."""
+    from immunize.models import model_fingerprint
+
+    attack = get_attack(cfg.attack)
+    if not isinstance(cfg, attack.config_class):
+        raise ImmunizeError(f"--attack {cfg.attack}: expects a {attack.config_class.__name__} config, "
+                            f"got {type(cfg).__name__}")
+    root = Path(cfg.output_dir)
+    fingerprints: dict[str, str] = {}
+    planned: dict[str, PlannedRun] = {}
+    for point, point_cfg in expand_grid(cfg):
+        if point_cfg.model not in fingerprints:
+            fingerprints[point_cfg.model] = model_fingerprint(point_cfg.model)
+        rid = run_id(point_cfg, fingerprints[point_cfg.model])
+        if rid in planned:
+            raise ImmunizeError(f"--grid: {planned[rid].point} and {point} are the same attack (run {rid}); "
+                                "sweep options that change the attack")
+        resolved = dataclasses.replace(point_cfg, output_dir=str(root / rid))
+        planned[rid] = PlannedRun(rid, point, resolved, fingerprints[point_cfg.model])
+    return list(planned.values())
+
+
+def default_scorers(cfg: AttackArguments, splits: BeaverTailsSplits) -> list[StepScorer]:
+    """The built-in cheap scorer on held-out data: evaluation prompts and held-out-split answers."""
+    if not (cfg.curve_num_prompts or cfg.curve_num_answers):
+        return []
+    prompts = [e.prompt for e in splits.eval[:cfg.curve_num_prompts]]
+    answers = stable_order(splits.heldout, key=lambda r: f"{r.prompt}\x1f{r.response}")
+    answers = answers[:cfg.curve_num_answers]
+    return [KeywordRefusalScorer(prompts, [(r.prompt, r.response) for r in answers], fmt=cfg.prompt_format,
+                                 max_new_tokens=cfg.curve_max_new_tokens, batch_size=cfg.curve_batch_size,
+                                 max_length=cfg.max_length)]
+
+
+def _prepare(attack: Attack, cfg: AttackArguments, n: int | None) -> _Prepared:
+    from immunize.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    splits = load_splits(root=cfg.data_root, qa_source=cfg.qa_source, eval_source=cfg.eval_source,
+                         held_out_categories=cfg.held_out_categories)
+    return _Prepared(splits, attack.prepare(cfg, tokenizer, splits, n))
+
+
+def run_attacks(cfg: AttackArguments, *, scorers: Sequence[StepScorer] = (),
+                callbacks: Sequence[TrainerCallback] = (),
+                report: Callable[[str], None] = log.info) -> list[RunResult]:
+    """Run every run of ``cfg``; ``scorers`` join the built-in curve scorer (e.g. a harmfulness judge)."""
+    attack = get_attack(cfg.attack)()
+    runs = plan_runs(cfg)
+    groups: dict[tuple, list[PlannedRun]] = {}
+    for run in runs:
+        groups.setdefault(attack.data_key(run.cfg), []).append(run)
+    results: dict[str, RunResult] = {}
+    position = {run.run_id: i for i, run in enumerate(runs, start=1)}
+    for members in groups.values():
+        # One tokenization per group, sized for its largest unfinished run (smaller ones take a prefix).
+        pending = [r for r in members if not is_complete(r.cfg.output_dir)]
+        sizes = [r.cfg.num_samples for r in pending]
+        largest = None if None in sizes else max(sizes, default=0)
+        prepared = _prepare(attack, pending[0].cfg, largest) if pending else None
+        for run in members:
+            prefix = f"[{position[run.run_id]}/{len(runs)}] {run.run_id}"
+            done = is_complete(run.cfg.output_dir)
+            if done is not None:
+                report(f"{prefix}: already complete, skipped")
+                results[run.run_id] = RunResult(run.run_id, Path(run.cfg.output_dir), "skipped", run.point,
+                                                done, read_curve(run.cfg.output_dir))
+                continue
+            report(f"{prefix}: training")
+            results[run.run_id] = _train(attack, run, prepared, scorers, callbacks)
+            report(f"{prefix}: {describe(results[run.run_id])}")
+            write_index(Path(cfg.output_dir))
+    write_index(Path(cfg.output_dir))
+    return [results[run.run_id] for run in runs]
+
+
+def _train(attack: Attack, run: PlannedRun, prepared: _Prepared, scorers: Sequence[StepScorer],
+           callbacks: Sequence[TrainerCallback]) -> RunResult:
+    cfg = run.cfg
+    data = prepared.data.take(cfg.num_samples, cfg.max_length)
+    write_provenance(cfg.output_dir, {"attack": cfg}, extra={
+        "run_id": run.run_id, "attack": attack.name, "grid_point": run.point,
+        "budget": budget(run, len(data.examples)),
+        "model": {"name": cfg.model, "fingerprint": run.model_fingerprint}, "data": data.summary(),
+    })
+    set_seed(cfg.seed)  # before the model: LoRA adapters are initialized at random
+    model, tokenizer = attack.load_model(cfg)
+    run_scorers = [*default_scorers(cfg, prepared.splits), *scorers] if cfg.curve else []
+    curve = ([ResistanceCurveCallback(run_scorers, cfg.curve_every_steps, tokenizer=tokenizer,
+                                      save_models=cfg.curve_save_models)] if run_scorers else [])
+    trainer = attack.build_trainer(cfg, model, tokenizer, data, [*curve, *callbacks])
+    timer = StepTimer()
+    output = run_training(trainer)
+    rows = read_curve(cfg.output_dir)
+    summary = {"run_id": run.run_id, "attack": attack.name, "examples": len(data.examples),
+               "train_loss": output.training_loss, **timer.summary(trainer.state.global_step),
+               "curve_first": rows[0] if rows else None, "curve_last": rows[-1] if rows else None}
+    save_final_model(trainer, tokenizer, summary)
+    return RunResult(run.run_id, Path(cfg.output_dir), "trained", run.point, summary, rows)
+
+
+def describe(result: RunResult) -> str:
+    """One line: steps, wall time, train loss and each curve metric from step 0 to the end."""
+    s = result.summary
+    parts = [f"{s.get('steps')} steps in {s.get('wall_seconds')} s, "
+             f"train loss {s.get('train_loss', float('nan')):.4f}"]
+    first, last = s.get("curve_first") or {}, s.get("curve_last") or {}
+    for key in sorted(set(first) & set(last) - {"step", "epoch"}):
+        parts.append(f"{key} {first[key]:.4f} → {last[key]:.4f}")
+    return "; ".join(parts)
+
+
+def write_index(root: Path) -> None:
+    """``ROOT/attacks.jsonl``: one row per run folder (complete or not), for reports and pipelines."""
+    rows = []
+    for prov in sorted(root.glob("*/provenance.json")):
+        run_dir = prov.parent
+        info = read_json(prov)
+        done = is_complete(run_dir)
+        curve = read_curve(run_dir)
+        rows.append({"run_id": info.get("run_id", run_dir.name), "attack": info.get("attack"),
+                     "status": "complete" if done else "incomplete", "path": str(run_dir),
+                     "model": info.get("model"), "budget": info.get("budget"),
+                     "grid_point": info.get("grid_point"), "wall_seconds": (done or {}).get("wall_seconds"),
+                     "curve_last": curve[-1] if curve else None})
+    if rows:
+        atomic_write_jsonl(root / INDEX_FILE, rows)
+
