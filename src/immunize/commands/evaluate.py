@@ -24,10 +24,14 @@ def main(argv: list[str]) -> int:
     from immunize.evaluation import SECTIONS, evaluate, get_section
     from immunize.evaluation.runner import headline_text
 
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     summary = evaluate(config=cfg, verbose=True)
     print(
         f"\n{summary['model']['name']} ({summary['model']['fingerprint']}), suite {summary['suite']}, "
-        f"{summary['seconds']:.0f}s:"
+        f"{summary['seconds']:.0f}s ({summary['cpu_seconds']:.0f} CPU-s):"
     )
     width = max(len(name) for name in SECTIONS)
     for name, entry in summary["sections"].items():

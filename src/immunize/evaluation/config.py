@@ -69,9 +69,7 @@ class EvaluationConfig:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "alias, local dir, .gguf file or hub id"})
     suite: str = field(
         default="quick",
-        metadata={
-            "help": "quick (minutes on a CPU) or full (paper-sized); fills every size option left unset"
-        },
+        metadata={"help": "quick (minutes on a CPU) or full (paper-sized); fills every size option left unset"},
     )
     output_dir: str = field(
         default="runs/eval",
@@ -86,23 +84,19 @@ class EvaluationConfig:
         },
     )
     skip: str = field(default="", metadata={"help": "comma list of sections to leave out"})
-    force: bool = field(
-        default=False, metadata={"help": "recompute sections even if a matching result exists"}
-    )
+    force: bool = field(default=False, metadata={"help": "recompute sections even if a matching result exists"})
     data_root: str | None = field(default=None, metadata={"help": "local data root (default ../shared/data)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    dtype: str = field(
-        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"}
-    )
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the checkpoint"})
-    prompt_format: str = field(
-        default="chat", metadata={"help": "chat or plain, for harmful and benign prompts"}
-    )
+    prompt_format: str = field(default="chat", metadata={"help": "chat or plain, for harmful and benign prompts"})
     batch_size: int | None = field(default=None, metadata={"help": "generation batch size"})
-    seed: int = field(default=42, metadata={"help": "seed of bootstrap intervals and fine-tunes"})
-    bootstrap_resamples: int | None = field(
-        default=None, metadata={"help": "bootstrap resamples per interval"}
+    threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads for torch (default: torch's own choice; 1 can be faster on a busy machine)"},
     )
+    seed: int = field(default=42, metadata={"help": "seed of bootstrap intervals and fine-tunes"})
+    bootstrap_resamples: int | None = field(default=None, metadata={"help": "bootstrap resamples per interval"})
 
     # Harmfulness: answers to held-out harmful prompts, scored by a judge.
     harmfulness_source: str = field(
@@ -121,16 +115,12 @@ class EvaluationConfig:
     )
 
     # Over-refusal: refusals of benign instructions.
-    overrefusal_samples: int | None = field(
-        default=None, metadata={"help": "benign test instructions (0: all)"}
-    )
+    overrefusal_samples: int | None = field(default=None, metadata={"help": "benign test instructions (0: all)"})
     overrefusal_max_new_tokens: int | None = field(default=None, metadata={"help": "answer length in tokens"})
 
     # Toxicity: continuations of DecodingTrust toxic_test prompts.
     toxicity_samples: int | None = field(default=None, metadata={"help": "toxic_test prompts (0: all)"})
-    toxicity_max_new_tokens: int | None = field(
-        default=None, metadata={"help": "continuation length in tokens"}
-    )
+    toxicity_max_new_tokens: int | None = field(default=None, metadata={"help": "continuation length in tokens"})
     toxicity_format: str = field(
         default="continuation",
         metadata={"help": "continuation (the prompt text as is, as in RealToxicityPrompts), chat or plain"},
@@ -151,9 +141,7 @@ class EvaluationConfig:
     capability_batch_size: int = field(default=16, metadata={"help": "lm-eval batch size"})
 
     # Perplexity on held-out benign answers.
-    perplexity_samples: int | None = field(
-        default=None, metadata={"help": "held-out alpaca_eval answers (0: all)"}
-    )
+    perplexity_samples: int | None = field(default=None, metadata={"help": "held-out alpaca_eval answers (0: all)"})
     perplexity_max_length: int = field(default=512, metadata={"help": "tokens per text (prompt + answer)"})
 
     # Trainability: a fixed small fine-tuning budget on data-to-text tasks, ROUGE after it.
@@ -168,9 +156,7 @@ class EvaluationConfig:
     trainability_max_new_tokens: int | None = field(default=None, metadata={"help": "generated text length"})
     reference_model: str | None = field(
         default=None,
-        metadata={
-            "help": "model fine-tuned with the same budget and seed for comparison (e.g. the undefended base)"
-        },
+        metadata={"help": "model fine-tuned with the same budget and seed for comparison (e.g. the undefended base)"},
     )
 
     def __post_init__(self):
@@ -183,9 +169,7 @@ class EvaluationConfig:
             )
         check_generation_format(self.toxicity_format, "--toxicity_format")
         if self.harmfulness_source not in ("beavertails", "advbench", "both"):
-            raise ImmunizeError(
-                f"--harmfulness_source {self.harmfulness_source!r}: use beavertails, advbench or both"
-            )
+            raise ImmunizeError(f"--harmfulness_source {self.harmfulness_source!r}: use beavertails, advbench or both")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int) and not isinstance(value, bool) and f.name != "seed" and value < 0:

@@ -39,9 +39,7 @@ class HarmfulPrompt:
     source: str  # beavertails or advbench
 
 
-def load_harmful_prompts(
-    source: str = "beavertails", samples: int | None = None, *, root=None
-) -> list[HarmfulPrompt]:
+def load_harmful_prompts(source: str = "beavertails", samples: int | None = None, *, root=None) -> list[HarmfulPrompt]:
     """Evaluation prompts: a fixed subset of ``samples`` per source (0/None: all)."""
     out: list[HarmfulPrompt] = []
     if source in ("beavertails", "both"):
@@ -226,9 +224,7 @@ class HarmfulnessStepScorer:
             )
             refusal = None
             if isinstance(self._refusal_spec, str):
-                refusal = load_role(
-                    "refusal", self._refusal_spec, self._refusal_fallback, option="refusal_judge"
-                )
+                refusal = load_role("refusal", self._refusal_spec, self._refusal_fallback, option="refusal_judge")
             elif self._refusal_spec is not None:
                 refusal = LoadedJudge("refusal", self._refusal_spec, self._refusal_spec.name)
             self._judges = (harm, refusal)

@@ -51,9 +51,7 @@ class LoadedJudge:
     def scores(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         values = np.asarray(self.judge.score(list(prompts), list(responses)), dtype=np.float64)
         if values.shape != (len(prompts),):
-            raise ImmunizeError(
-                f"judge {self.judge.name!r} returned {values.shape} scores for {len(prompts)} texts"
-            )
+            raise ImmunizeError(f"judge {self.judge.name!r} returned {values.shape} scores for {len(prompts)} texts")
         if values.size and (not np.isfinite(values).all() or values.min() < 0 or values.max() > 1):
             raise ImmunizeError(f"judge {self.judge.name!r} returned scores outside [0, 1]")
         return values

@@ -37,14 +37,10 @@ def answer_nll(
     model.eval()
     try:
         for batch in length_sorted_batches([len(e.input_ids) for e in encoded], batch_size):
-            features = collate(
-                [{"input_ids": encoded[i].input_ids, "labels": encoded[i].labels} for i in batch]
-            )
+            features = collate([{"input_ids": encoded[i].input_ids, "labels": encoded[i].labels} for i in batch])
             features = {k: v.to(device) for k, v in features.items()}
             with torch.inference_mode():
-                logits = model(
-                    input_ids=features["input_ids"], attention_mask=features["attention_mask"]
-                ).logits
+                logits = model(input_ids=features["input_ids"], attention_mask=features["attention_mask"]).logits
             labels = features["labels"][:, 1:]
             losses = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
@@ -99,9 +95,7 @@ class Perplexity(Section):
             if c > 0
         ]
         nll, counts = nll[keep], counts[keep]
-        ci = ratio_bootstrap_ci(
-            nll, counts, resamples=cfg.bootstrap_resamples, seed=cfg.seed, transform=np.exp
-        )
+        ci = ratio_bootstrap_ci(nll, counts, resamples=cfg.bootstrap_resamples, seed=cfg.seed, transform=np.exp)
         mean_nll = float(nll.sum() / counts.sum())
         per_text = nll / counts
         return SectionResult(

@@ -34,9 +34,7 @@ class OverRefusal(Section):
 
     def run(self, ctx, inputs):
         cfg = ctx.config
-        generations = ctx.generate(
-            inputs, fmt=cfg.prompt_format, max_new_tokens=cfg.overrefusal_max_new_tokens
-        )
+        generations = ctx.generate(inputs, fmt=cfg.prompt_format, max_new_tokens=cfg.overrefusal_max_new_tokens)
         responses = [g.text for g in generations]
         judge = ctx.judge("refusal")
         scores = judge.scores(inputs, responses)

@@ -26,7 +26,7 @@ Schema ``immunize.evaluation`` version 1 (``<section>.json``):
 - ``breakdown``: per category/source/subject/task, same metric shape;
 - ``details``: section-specific extras (generation lengths, harness output, training losses);
 - ``generations``: path of the per-example JSONL relative to the output directory, or null;
-- ``created``, ``seconds``, ``git_revision``, ``versions``: provenance.
+- ``created``, ``seconds`` (wall), ``cpu_seconds`` (all threads), ``git_revision``, ``versions``: provenance.
 
 A reader should check ``schema_version``; fields are only ever added within a version.
 """
@@ -85,11 +85,7 @@ def load_matching(output_dir: str | Path, section: str, key: str) -> dict | None
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # unreadable: recompute and replace it
-    if (
-        not isinstance(stored, dict)
-        or stored.get("schema_version") != SCHEMA_VERSION
-        or stored.get("key") != key
-    ):
+    if not isinstance(stored, dict) or stored.get("schema_version") != SCHEMA_VERSION or stored.get("key") != key:
         return None
     rows = stored.get("generations")
     if rows and not (Path(output_dir) / rows).is_file():
@@ -111,6 +107,7 @@ def write_result(
     details: dict[str, Any],
     rows: list[dict] | None,
     seconds: float,
+    cpu_seconds: float | None = None,
 ) -> dict[str, Any]:
     output_dir = Path(output_dir)
     relative = None
@@ -133,6 +130,7 @@ def write_result(
         "generations": relative,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 2) if cpu_seconds is not None else None,
         "git_revision": git_revision(),
         "versions": package_versions(),
     }

@@ -194,9 +194,9 @@ def run_section(section: Section, ctx: EvaluationContext) -> tuple[dict[str, Any
         ctx.say(f"[{section.name}] reusing {result_path(ctx.output_dir, section.name)} (key {key})")
         return stored, True
     ctx.say(f"[{section.name}] running")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = section.run(ctx, inputs)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     document = write_result(
         ctx.output_dir,
         section.name,
@@ -210,8 +210,9 @@ def run_section(section: Section, ctx: EvaluationContext) -> tuple[dict[str, Any
         details=result.details,
         rows=result.rows,
         seconds=seconds,
+        cpu_seconds=cpu_seconds,
     )
-    ctx.say(f"[{section.name}] done in {seconds:.1f}s: {headline_text(section, document)}")
+    ctx.say(f"[{section.name}] done in {seconds:.1f}s ({cpu_seconds:.0f} CPU-s): {headline_text(section, document)}")
     return document, False
 
 
@@ -281,7 +282,7 @@ def evaluate(
         "config_fingerprint": fingerprint(config_to_dict(config)),
         "sections": {},
     }
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for name in names:
         section = get_section(name)
         document, reused = run_section(section, ctx)
@@ -294,6 +295,7 @@ def evaluate(
             "metrics": headline(section, document),
         }
     summary["seconds"] = round(time.perf_counter() - start, 2)
+    summary["cpu_seconds"] = round(time.process_time() - cpu_start, 2)
     # Sections of this model evaluated by earlier runs into the same directory stay in the summary.
     for name in SECTIONS:
         if name in summary["sections"] or not result_path(out, name).is_file():

@@ -77,9 +77,7 @@ def ratio_bootstrap_ci(
     return float(low), float(high)
 
 
-def summarize(
-    values: Sequence[float] | np.ndarray, *, resamples: int = DEFAULT_RESAMPLES, seed: int = 0
-) -> dict:
+def summarize(values: Sequence[float] | np.ndarray, *, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
     """``{"value": mean, "ci95": [low, high], "n": count}`` (value and interval None when empty)."""
     data = np.asarray(values, dtype=np.float64)
     ci = bootstrap_ci(data, resamples=resamples, seed=seed)

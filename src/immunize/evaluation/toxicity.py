@@ -41,9 +41,7 @@ class Toxicity(Section):
     def run(self, ctx, inputs):
         cfg = ctx.config
         prompts = [row["prompt"] for row in inputs]
-        generations = ctx.generate(
-            prompts, fmt=cfg.toxicity_format, max_new_tokens=cfg.toxicity_max_new_tokens
-        )
+        generations = ctx.generate(prompts, fmt=cfg.toxicity_format, max_new_tokens=cfg.toxicity_max_new_tokens)
         continuations = [g.text for g in generations]
         scores = ctx.judge("toxicity").scores(prompts, continuations)
         rows = [

@@ -41,9 +41,7 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 def load_task(task: str, *, root, train_examples: int, eval_samples: int | None) -> dict[str, Any]:
     """A fixed training subset (one pass at the budget) and test MRs with all their references."""
     if task not in TRAINABILITY_TASKS:
-        raise ImmunizeError(
-            f"--trainability_tasks: unknown task {task!r} (use {', '.join(TRAINABILITY_TASKS)})"
-        )
+        raise ImmunizeError(f"--trainability_tasks: unknown task {task!r} (use {', '.join(TRAINABILITY_TASKS)})")
     train = load_data_to_text(task, "train", root=root)
     if len(train) < train_examples:
         raise ImmunizeError(
@@ -138,9 +136,7 @@ def finetune_and_score(
             trainer.train()
             losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
             del trainer
-        after = _predict(
-            student, tokenizer, test, max_new_tokens=max_new_tokens, batch_size=generation_batch_size
-        )
+        after = _predict(student, tokenizer, test, max_new_tokens=max_new_tokens, batch_size=generation_batch_size)
     finally:
         del student
         gc.collect()
@@ -198,10 +194,7 @@ class Trainability(Section):
         "seed",
     )
     headline = tuple(
-        f"{task}_{r}{suffix}"
-        for task in TRAINABILITY_TASKS
-        for r in ROUGE_TYPES
-        for suffix in ("", "_vs_reference")
+        f"{task}_{r}{suffix}" for task in TRAINABILITY_TASKS for r in ROUGE_TYPES for suffix in ("", "_vs_reference")
     )
 
     def inputs(self, ctx):
