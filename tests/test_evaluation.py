@@ -66,6 +66,7 @@ TINY_SIZES = dict(
     mmlu_subjects="marketing",
     capability_limit=2,
     perplexity_samples=3,
+    perplexity_max_length=512,
     trainability_tasks="viggo",
     trainability_steps=1,
     trainability_batch_size=2,
@@ -193,9 +194,7 @@ def test_results_schema_and_reuse(tiny_checkpoint, real_data_root, isolated_cach
     # A different judge, a changed option, a damaged file or --force: recomputed.
     changed = evaluate(config=cfg, output_dir=out, judges=fake_judges(scale=20.0))
     assert not any(s["reused"] for s in changed["sections"].values())
-    cfg2 = _config(
-        tiny_checkpoint, real_data_root, sections="harmfulness,overrefusal,toxicity", harmfulness_samples=4
-    )
+    cfg2 = _config(tiny_checkpoint, real_data_root, sections="harmfulness,overrefusal,toxicity", harmfulness_samples=4)
     partial = evaluate(config=cfg2, output_dir=out, judges=fake_judges(scale=20.0))
     assert {k: v["reused"] for k, v in partial["sections"].items()} == {
         "harmfulness": False,
@@ -324,8 +323,7 @@ def test_capability_tasks_match_a_direct_computation(tiny_capability_root, isola
     preamble = materialize(["truthfulqa_mc1"], root=tiny_capability_root).include_path / "truthfulqa_mc1.yaml"
     assert "Q: What is human life expectancy" in preamble.read_text()
     rows = [
-        json.loads(line)
-        for line in (tmp_path / "out" / "generations" / "capability.jsonl").read_text().splitlines()
+        json.loads(line) for line in (tmp_path / "out" / "generations" / "capability.jsonl").read_text().splitlines()
     ]
     mc2 = [r["acc"] for r in rows if r["task"] == "truthfulqa_mc2"]
     assert len(mc2) == 2 and all(0.0 <= v <= 1.0 for v in mc2)
@@ -388,9 +386,7 @@ def test_finetune_trains_a_copy_and_scores(real_data_root):
 # --- the CLI, end to end ------------------------------------------------------------------------------
 
 
-def test_evaluate_cli_end_to_end(
-    tiny_checkpoint, real_data_root, isolated_cache, tmp_path, monkeypatch, capsys
-):
+def test_evaluate_cli_end_to_end(tiny_checkpoint, real_data_root, isolated_cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(judging, "_load", lambda name: FakeJudge(name))
     out = tmp_path / "cli"
     argv = [

@@ -24,7 +24,7 @@ QUICK_MMLU_SUBJECTS = "high_school_geography,marketing,college_biology,elementar
 SUITES: dict[str, dict[str, Any]] = {
     # Sized to finish in under 10 minutes for SmolLM2-135M on a 2-core CPU, every section filled.
     "quick": {
-        "batch_size": 32,
+        "batch_size": 64,
         "bootstrap_resamples": 1000,
         "harmfulness_samples": 48,
         "harmfulness_max_new_tokens": 64,
@@ -34,12 +34,13 @@ SUITES: dict[str, dict[str, Any]] = {
         "toxicity_max_new_tokens": 32,
         "mmlu_subjects": QUICK_MMLU_SUBJECTS,
         "mmlu_num_fewshot": 0,
-        "capability_limit": 10,
-        "perplexity_samples": 32,
+        "capability_limit": 8,
+        "perplexity_samples": 24,
+        "perplexity_max_length": 256,
         "trainability_tasks": "viggo,e2e",
         "trainability_steps": 6,
-        "trainability_eval_samples": 16,
-        "trainability_max_new_tokens": 48,
+        "trainability_eval_samples": 12,
+        "trainability_max_new_tokens": 40,
     },
     # Paper-sized: every held-out prompt, all of MMLU 5-shot, all of TruthfulQA.
     "full": {
@@ -55,6 +56,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "mmlu_num_fewshot": 5,
         "capability_limit": 0,
         "perplexity_samples": 0,
+        "perplexity_max_length": 1024,
         "trainability_tasks": "viggo,e2e",
         "trainability_steps": 100,
         "trainability_eval_samples": 200,
@@ -142,7 +144,7 @@ class EvaluationConfig:
 
     # Perplexity on held-out benign answers.
     perplexity_samples: int | None = field(default=None, metadata={"help": "held-out alpaca_eval answers (0: all)"})
-    perplexity_max_length: int = field(default=512, metadata={"help": "tokens per text (prompt + answer)"})
+    perplexity_max_length: int | None = field(default=None, metadata={"help": "tokens per text (prompt + answer)"})
 
     # Trainability: a fixed small fine-tuning budget on data-to-text tasks, ROUGE after it.
     trainability_tasks: str | None = field(default=None, metadata={"help": "comma list of viggo, e2e"})
