@@ -1,7 +1,7 @@
 """Throughput of the evaluation generation engine against a one-prompt-at-a-time loop.
 
     .venv/bin/python benchmarks/bench_generation.py [--model smollm2-135m-instruct] [--prompts 32]
-        [--new_tokens 64] [--batch_size 32]
+        [--new_tokens 64] [--batch_size 32] [--threads N]
 
 Both sides answer the same held-out harmful prompts (the harmfulness evaluation's own fixed
 subset, chat format) greedily with the same stop tokens and token budget; the baseline calls
@@ -59,7 +59,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model_and_tokenizer(args.model, device="cpu", dtype="float32")
     model.eval()

@@ -107,22 +107,18 @@ def generate(
     fmt: str = "chat",
     max_new_tokens: int = 64,
     batch_size: int = 16,
-    max_prompt_tokens: int | None = None,
 ) -> list[Generation]:
     """Greedy answers to ``prompts`` (in their order); see the module docstring."""
     from transformers import GenerationConfig
 
     check_generation_format(fmt)
     if max_new_tokens < 1:
-        raise ImmunizeError(f"--max_new_tokens {max_new_tokens}: must be at least 1")
+        raise ImmunizeError(f"max_new_tokens={max_new_tokens}: must be at least 1")
     if batch_size < 1:
-        raise ImmunizeError(f"--batch_size {batch_size}: must be at least 1")
+        raise ImmunizeError(f"batch_size={batch_size}: must be at least 1")
     if not prompts:
         return []
     encoded = [encode_for_generation(tokenizer, p, fmt) for p in prompts]
-    if max_prompt_tokens is not None:
-        # Keep the end: it holds the question and the generation prompt.
-        encoded = [ids[-max_prompt_tokens:] for ids in encoded]
     stops = stop_token_ids(model, tokenizer, fmt)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     config = GenerationConfig(

@@ -184,6 +184,10 @@ class EvaluationConfig:
             "trainability_steps",
             "perplexity_max_length",
             "trainability_max_length",
+            "harmfulness_max_new_tokens",
+            "overrefusal_max_new_tokens",
+            "toxicity_max_new_tokens",
+            "trainability_max_new_tokens",
         ):
             if getattr(self, name) == 0:
                 raise ImmunizeError(f"--{name} 0: must be at least 1")
