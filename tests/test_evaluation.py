@@ -151,6 +151,19 @@ def test_judge_fallback_is_recorded(monkeypatch):
         judging.load_role("refusal", "refusal", None, option="refusal_judge")
 
 
+def test_missing_judge_fails_before_any_work(monkeypatch, tiny_checkpoint, real_data_root, tmp_path):
+    def fake_load(name):
+        if name == "toxicity":
+            raise ImmunizeError("judge 'toxicity' is not trained yet")
+        return FakeJudge(name)
+
+    monkeypatch.setattr(judging, "_load", fake_load)
+    cfg = _config(tiny_checkpoint, real_data_root, sections="harmfulness,toxicity")
+    with pytest.raises(ImmunizeError, match="--toxicity_judge toxicity: judge 'toxicity' is not trained"):
+        evaluate(config=cfg, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out" / "harmfulness.json").exists()
+
+
 # --- result files and reuse --------------------------------------------------------------------------
 
 

@@ -282,6 +282,10 @@ def evaluate(
         "config_fingerprint": fingerprint(config_to_dict(config)),
         "sections": {},
     }
+    # Load every judge the selected sections need now: a missing one fails before any work is done.
+    for name in names:
+        for role in get_section(name).judges:
+            ctx.judge(role)
     start, cpu_start = time.perf_counter(), time.process_time()
     for name in names:
         section = get_section(name)
