@@ -412,6 +412,9 @@ def test_evaluate_cli_end_to_end(tiny_checkpoint, real_data_root, isolated_cache
         str(real_data_root),
         "--reference_model",
         str(tiny_checkpoint),
+        # Explicit, so the run does not switch this test process to one thread on a busy machine.
+        "--threads",
+        str(torch.get_num_threads()),
     ]
     for key, value in TINY_SIZES.items():
         argv += [f"--{key}", str(value)]

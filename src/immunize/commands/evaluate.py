@@ -8,14 +8,14 @@ Each section writes ``<output_dir>/<section>.json`` (and its per-example records
 
 from __future__ import annotations
 
+import os
+
 from immunize.config import parse_config
 
 HELP = "evaluate a model: harmfulness, refusals, toxicity, capability, perplexity, trainability"
 
 
 def main(argv: list[str]) -> int:
-    import os
-
     # The harness loads its tasks through `datasets`: local JSON files only, never the hub.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from immunize.evaluation.config import EvaluationConfig
@@ -24,10 +24,7 @@ def main(argv: list[str]) -> int:
     from immunize.evaluation import SECTIONS, evaluate, get_section
     from immunize.evaluation.runner import headline_text
 
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
+    _set_threads(cfg.threads)
     summary = evaluate(config=cfg, verbose=True)
     print(
         f"\n{summary['model']['name']} ({summary['model']['fingerprint']}), suite {summary['suite']}, "
@@ -40,3 +37,22 @@ def main(argv: list[str]) -> int:
         print(f"  {name:<{width}}  {status:>7}  {headline_text(get_section(name), document)}")
     print(f"results: {cfg.output_dir}/summary.json")
     return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    """``--threads N`` as given; unset: torch's default, unless the CPUs are already oversubscribed.
+
+    On a machine whose load average exceeds its cores, a multi-threaded op waits at every
+    barrier for a thread the scheduler has parked: small ops (every decoding step) then run 2-3x
+    slower than on one thread, so one thread is used and the choice is printed.
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+        return
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if torch.get_num_threads() > 1 and load > 1.5 * cores:
+        print(f"load average {load:.1f} on {cores} CPUs: running torch on 1 thread (--threads N overrides)")
+        torch.set_num_threads(1)

@@ -95,7 +95,7 @@ class EvaluationConfig:
     batch_size: int | None = field(default=None, metadata={"help": "generation batch size"})
     threads: int | None = field(
         default=None,
-        metadata={"help": "CPU threads for torch (default: torch's own choice; 1 can be faster on a busy machine)"},
+        metadata={"help": "CPU threads for torch (default: torch's choice, or 1 when the CPUs are oversubscribed)"},
     )
     seed: int = field(default=42, metadata={"help": "seed of bootstrap intervals and fine-tunes"})
     bootstrap_resamples: int | None = field(default=None, metadata={"help": "bootstrap resamples per interval"})
