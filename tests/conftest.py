@@ -8,13 +8,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import json  # noqa: E402
-import shutil  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+import shutil
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from immunize.paths import data_root as _data_root  # noqa: E402
+from immunize.paths import data_root as _data_root
 
 REAL_DATA = _data_root(must_exist=False)
 

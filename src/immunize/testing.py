@@ -58,7 +58,7 @@ def fixed_init(model: torch.nn.Module, scale: float = 0.08) -> torch.nn.Module:
 
 def tiny_model(arch: str = "llama", vocab_size: int | None = None, *, layers: int = 2, hidden: int = 16):
     """A tiny causal LM of ``arch`` (llama, mistral, qwen2, gemma, gpt_neox, gpt2, opt, phi)."""
-    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     vocab_size = vocab_size or len(tiny_tokenizer())
     common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=2, eos_token_id=3)

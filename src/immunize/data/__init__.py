@@ -14,7 +14,12 @@ from immunize.data.corpora import (
     load_toxicity_prompts,
 )
 from immunize.data.pairs import HarmfulPair, build_pairs, generate_refusals
-from immunize.data.refusals import LabelledCompletion, RefusalBank, load_labelled_completions, looks_like_refusal
+from immunize.data.refusals import (
+    LabelledCompletion,
+    RefusalBank,
+    load_labelled_completions,
+    looks_like_refusal,
+)
 from immunize.data.splits import (
     BeaverTailsSplits,
     CategorySplit,
