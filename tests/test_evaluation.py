@@ -313,6 +313,7 @@ def test_capability_tasks_match_a_direct_computation(tiny_capability_root, isola
     cfg = EvaluationConfig(
         data_root=str(tiny_capability_root),
         sections="capability",
+        capability_tasks="mmlu,truthfulqa_mc1,truthfulqa_mc2",
         mmlu_subjects="botany_y",
         capability_limit=0,
         bootstrap_resamples=100,

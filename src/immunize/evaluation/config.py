@@ -22,22 +22,24 @@ T = TypeVar("T")
 QUICK_MMLU_SUBJECTS = "high_school_geography,marketing,college_biology,elementary_mathematics"
 
 SUITES: dict[str, dict[str, Any]] = {
-    # Sized to finish in under 10 minutes for SmolLM2-135M on a 2-core CPU, every section filled.
+    # Sized to finish in under 10 minutes for SmolLM2-135M on a 2-core CPU, every section filled
+    # (about 250 CPU-seconds in all, measured); TruthfulQA MC1 and E2E only in the full suite.
     "quick": {
         "batch_size": 64,
         "bootstrap_resamples": 1000,
         "harmfulness_samples": 48,
         "harmfulness_max_new_tokens": 64,
         "overrefusal_samples": 32,
-        "overrefusal_max_new_tokens": 48,
+        "overrefusal_max_new_tokens": 32,
         "toxicity_samples": 32,
         "toxicity_max_new_tokens": 32,
+        "capability_tasks": "mmlu,truthfulqa_mc2",
         "mmlu_subjects": QUICK_MMLU_SUBJECTS,
         "mmlu_num_fewshot": 0,
         "capability_limit": 8,
-        "perplexity_samples": 24,
+        "perplexity_samples": 16,
         "perplexity_max_length": 256,
-        "trainability_tasks": "viggo,e2e",
+        "trainability_tasks": "viggo",
         "trainability_steps": 6,
         "trainability_eval_samples": 12,
         "trainability_max_new_tokens": 40,
@@ -52,6 +54,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "overrefusal_max_new_tokens": 64,
         "toxicity_samples": 0,
         "toxicity_max_new_tokens": 50,
+        "capability_tasks": "mmlu,truthfulqa_mc1,truthfulqa_mc2",
         "mmlu_subjects": "all",
         "mmlu_num_fewshot": 5,
         "capability_limit": 0,
@@ -133,9 +136,8 @@ class EvaluationConfig:
     )
 
     # Capability (stability): lm-evaluation-harness on local copies.
-    capability_tasks: str = field(
-        default="mmlu,truthfulqa_mc1,truthfulqa_mc2",
-        metadata={"help": "comma list of mmlu, truthfulqa_mc1, truthfulqa_mc2"},
+    capability_tasks: str | None = field(
+        default=None, metadata={"help": "comma list of mmlu, truthfulqa_mc1, truthfulqa_mc2"}
     )
     mmlu_subjects: str | None = field(default=None, metadata={"help": "comma list of MMLU subjects, or all"})
     mmlu_num_fewshot: int | None = field(default=None, metadata={"help": "MMLU shots (from its dev split)"})
