@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import partial
 from pathlib import Path
 
@@ -302,8 +303,9 @@ class _Readout:
             # Some MLPs (OPT's fc2) see the batch flattened to (rows × positions, d).
             rows, width = self.mask.shape[0] * 2, self.mask.shape[1]
             values = [self._mmd(store[i].reshape(rows, width, -1)[: self.batch_size]) for i in self.layers]
-            terms.noise = torch.stack(values).mean()
-            terms.noise_per_layer = [v.item() for v in values]
+            stacked = torch.stack(values)
+            terms.noise = stacked.mean()
+            terms.noise_per_layer = stacked.detach().tolist()
         return terms
 
     def _mmd(self, acts: torch.Tensor) -> torch.Tensor:
@@ -397,7 +399,8 @@ IDENTITY_FILE = "immunize-run.json"
 
 
 def run_identity(cfg: RepNoiseConfig) -> dict:
-    return {name: str(getattr(cfg, name)) for name in _IDENTITY_FIELDS}
+    values = {name: getattr(cfg, name) for name in _IDENTITY_FIELDS}
+    return {name: str(v.value if isinstance(v, Enum) else v) for name, v in values.items()}
 
 
 def _check_identity(out: Path, identity: dict) -> None:
