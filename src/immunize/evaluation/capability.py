@@ -128,6 +128,7 @@ class Capability(Section):
         "mmlu_subjects",
         "mmlu_num_fewshot",
         "capability_limit",
+        "capability_batch_size",
         "bootstrap_resamples",
         "seed",
     )

@@ -23,9 +23,9 @@ QUICK_MMLU_SUBJECTS = "high_school_geography,marketing,college_biology,elementar
 
 SUITES: dict[str, dict[str, Any]] = {
     # Sized to finish in under 10 minutes for SmolLM2-135M on a 2-core CPU, every section filled
-    # (about 250 CPU-seconds in all, measured); TruthfulQA MC1 and E2E only in the full suite.
+    # (about 230 CPU-seconds in all, measured); TruthfulQA MC1 and E2E only in the full suite.
     "quick": {
-        "batch_size": 64,
+        "batch_size": 32,
         "bootstrap_resamples": 1000,
         "harmfulness_samples": 48,
         "harmfulness_max_new_tokens": 64,
@@ -36,11 +36,11 @@ SUITES: dict[str, dict[str, Any]] = {
         "capability_tasks": "mmlu,truthfulqa_mc2",
         "mmlu_subjects": QUICK_MMLU_SUBJECTS,
         "mmlu_num_fewshot": 0,
-        "capability_limit": 8,
+        "capability_limit": 6,
         "perplexity_samples": 16,
         "perplexity_max_length": 256,
         "trainability_tasks": "viggo",
-        "trainability_steps": 6,
+        "trainability_steps": 4,
         "trainability_eval_samples": 12,
         "trainability_max_new_tokens": 40,
     },

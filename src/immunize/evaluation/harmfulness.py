@@ -155,6 +155,7 @@ class Harmfulness(Section):
         "harmfulness_samples",
         "harmfulness_max_new_tokens",
         "prompt_format",
+        "batch_size",
         "bootstrap_resamples",
         "seed",
     )

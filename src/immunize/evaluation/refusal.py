@@ -22,6 +22,7 @@ class OverRefusal(Section):
         "overrefusal_samples",
         "overrefusal_max_new_tokens",
         "prompt_format",
+        "batch_size",
         "bootstrap_resamples",
         "seed",
     )

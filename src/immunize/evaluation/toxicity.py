@@ -27,6 +27,7 @@ class Toxicity(Section):
         "toxicity_samples",
         "toxicity_max_new_tokens",
         "toxicity_format",
+        "batch_size",
         "bootstrap_resamples",
         "seed",
     )

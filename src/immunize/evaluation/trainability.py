@@ -173,6 +173,7 @@ def _budget(cfg) -> dict[str, Any]:
         "learning_rate": cfg.trainability_learning_rate,
         "max_length": cfg.trainability_max_length,
         "max_new_tokens": cfg.trainability_max_new_tokens,
+        "generation_batch_size": cfg.batch_size,
         "seed": cfg.seed,
     }
 
@@ -190,6 +191,7 @@ class Trainability(Section):
         "trainability_max_length",
         "trainability_eval_samples",
         "trainability_max_new_tokens",
+        "batch_size",
         "bootstrap_resamples",
         "seed",
     )
