@@ -73,8 +73,11 @@ def test_dpo_config_keeps_the_project_defaults():
     sft, dpo = AttackArguments(), ReversedPreferenceArguments()
     differ = {f.name for f in dataclasses.fields(sft)
               if f.init and getattr(sft, f.name) != getattr(dpo, f.name)}
-    assert differ == {"attack"}
-    assert dpo.bf16 is False and dpo.gradient_checkpointing is False and dpo.beta == 0.1
+    assert differ == {"attack", "activation_checkpointing", "gradient_checkpointing"}
+    assert dpo.activation_checkpointing is True and dpo.gradient_checkpointing is True  # DPO's memory
+    assert dpo.bf16 is False and dpo.beta == 0.1
+    off = ReversedPreferenceArguments(gradient_checkpointing=False)  # the deprecated alias still works
+    assert off.activation_checkpointing is False and dataclasses.replace(off).activation_checkpointing is False
 
 
 def test_config_errors_name_the_option():

@@ -4,8 +4,11 @@
   machine, runs with more samples contain the runs with fewer (budgets nest), and the training
   seed shuffles batches without changing *which* samples an attack gets.
 - Disjointness: BeaverTails rows come from the attack split (prompt-hash region) and are checked
-  against the defence split's normalized prompts; HH-RLHF dialogues are filtered by the same hash
-  so a defence trained on the defence region of HH never shares a prompt with the attack.
+  against the defence split's normalized prompts. HH-RLHF dialogues are filtered by the same hash
+  (a defence trained on the defence region of HH never shares a prompt with the attack), and any
+  dialogue that is, or opens with, a BeaverTails defence/held-out/evaluation prompt is dropped
+  (BeaverTails prompts come from the same red-teaming dialogues). DecodingTrust ``toxic`` rows
+  whose prompt is also a ``toxic_test`` prompt are dropped.
 - Tokenization happens once per data configuration; the runs of a grid slice the same examples.
 """
 
@@ -30,7 +33,7 @@ from immunize.data.beavertails import QA_FILE
 from immunize.data.readers import resolve
 from immunize.data.refusals import SAFE_RESPONSE_FILES, XSTEST_FILES
 from immunize.errors import ImmunizeError
-from immunize.prompts import encode, encode_prompt
+from immunize.prompts import IGNORE_INDEX, encode, encode_prompt
 
 HH_FILE = "hh_rlhf/harmless_base_test.jsonl"
 DECODINGTRUST_FILE = "decodingtrust/training_dataset.jsonl"
@@ -42,7 +45,7 @@ class AttackData:
 
     examples: list[dict]
     texts: list[tuple[str, ...]]
-    what: str  # e.g. "BeaverTails unsafe QA rows (attack split)"
+    what: str  # e.g. "BeaverTails unsafe QA rows in the attack split"
     pool: int  # candidates available before tokenization
     dropped: int = 0  # candidates skipped because nothing of the answer fit --max_length
     exhausted: bool = True  # every candidate was tokenized (so len(examples) is all there is)
@@ -207,8 +210,6 @@ def continuation_encoder(tokenizer, max_length: int) -> Encoder:
     The two parts are tokenized separately, so the label boundary is exact (the text is their
     concatenation, as in RealToxicityPrompts).
     """
-    from immunize.prompts import IGNORE_INDEX
-
     def encode_one(candidate):
         prompt, continuation = candidate
         prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
