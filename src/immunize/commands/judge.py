@@ -1,0 +1,187 @@
+"""`immunize judge`: train the default judges, score JSONL files with any judge, list the registry.
+
+    immunize judge train [--judges harmfulness,refusal,toxicity] [--data-root DIR] [--batch-size 64]
+    immunize judge score --judge harmfulness --input rows.jsonl --output scored.jsonl
+    immunize judge list
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+from immunize.config import parse_config
+from immunize.errors import ImmunizeError
+
+HELP = "harmfulness/refusal/toxicity judges: train them, score prompt/response JSONL, list (train|score|list)"
+
+USAGE = """usage: immunize judge {train,score,list} [options]   (immunize judge SUBCOMMAND --help)
+
+  train   train harmfulness/refusal/toxicity heads on MiniLM embeddings (cached under the cache dir)
+  score   add `score` and `label` to every {"prompt", "response"} row of a JSONL file
+  list    the judge registry, with training status and held-out metrics"""
+
+
+JUDGES_DIR_HELP = "trained judges' directory (default <cache>/judges)"
+
+
+@dataclass
+class TrainConfig:
+    judges: str = field(default="harmfulness,refusal,toxicity",
+                        metadata={"help": "comma-separated trainable judges to build"})
+    data_root: str | None = field(default=None,
+                                  metadata={"help": "data root (default $IMMUNIZE_DATA, ../shared/data)"})
+    output_dir: str | None = field(default=None, metadata={"help": JUDGES_DIR_HELP})
+    encoder: str = field(default="minilm", metadata={"help": "sentence encoder the heads sit on"})
+    device: str | None = field(default=None, metadata={"help": "encoder device: auto, cpu, cuda, cuda:N"})
+    batch_size: int = field(default=64, metadata={"help": "encoder batch size"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads for the encoder (default: torch's)"})
+    folds: int = field(default=5, metadata={"help": "folds (by prompt hash) for held-out metrics"})
+    embedding_cache: bool = field(default=True, metadata={"help": "cache embeddings on disk by text hash"})
+
+
+@dataclass
+class ScoreConfig:
+    judge: str = field(default="harmfulness", metadata={"help": "judge name (see `immunize judge list`)"})
+    input: str = field(default="", metadata={"help": "JSONL file whose rows have `prompt` and `response`"})
+    output: str = field(default="", metadata={"help": "JSONL to write: the input rows plus score and label"})
+    judge_option: list[str] = field(default_factory=list,
+                                    metadata={"help": "KEY=VALUE judge options (e.g. harmful_label=0)"})
+    score_field: str = field(default="score", metadata={"help": "name of the added score field"})
+    label_field: str = field(default="label", metadata={"help": "name of the added label field"})
+    output_dir: str | None = field(default=None, metadata={"help": JUDGES_DIR_HELP})
+
+
+@dataclass
+class ListConfig:
+    output_dir: str | None = field(default=None, metadata={"help": JUDGES_DIR_HELP})
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    sub, rest = argv[0], argv[1:]
+    commands = {"train": _train, "score": _score, "list": _list}
+    if sub not in commands:
+        raise ImmunizeError(f"unknown subcommand {sub!r} (use train, score or list)")
+    return commands[sub](rest)
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _train(argv: list[str]) -> int:
+    (cfg,) = parse_config([TrainConfig], argv, prog="immunize judge train",
+                          description="train the default judges")
+    from immunize.judges.encoders import EmbeddingCache, make_encoder
+    from immunize.judges.specs import SPECS
+    from immunize.judges.trained import judges_dir
+    from immunize.judges.training import train_judge
+
+    names = [n.strip() for n in cfg.judges.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SPECS]
+    if not names or unknown:
+        raise ImmunizeError(f"--judges: {', '.join(unknown) or 'nothing given'} "
+                            f"(trainable: {', '.join(SPECS)})")
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise ImmunizeError(f"--threads: must be at least 1, got {cfg.threads}")
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    encoder = make_encoder(cfg.encoder, device=cfg.device, batch_size=cfg.batch_size)
+    out_root = cfg.output_dir or judges_dir()
+    cache = None
+    if cfg.embedding_cache:
+        cache = EmbeddingCache(f"{out_root}/embeddings", encoder.identity, encoder.dim)
+    cards = {}
+    for name in names:
+        cards[name] = train_judge(name, encoder=encoder, data_root_dir=cfg.data_root, out_root=out_root,
+                                  cache=cache, folds=cfg.folds, progress=_progress)
+    print(f"trained {', '.join(names)} in {time.perf_counter() - start:.0f}s; saved under {out_root}")
+    for name, card in cards.items():
+        print(f"  {name:<12} {_summary(card)}")
+    return 0
+
+
+def _summary(card: dict) -> str:
+    headline = card["heldout"].get(card.get("headline", "all"), card["heldout"]["all"])
+    keys = ("auroc", "accuracy") if card["task"] == "binary" else ("spearman", "mae", "auroc@0.5")
+    shown = ", ".join(f"{k} {headline[k]:.3f}" for k in keys if headline.get(k) is not None)
+    return f"held-out ({card.get('headline', 'all')}, n={headline['n']}): {shown}"
+
+
+def _read_pairs(path: str) -> tuple[list[dict], list[str], list[str]]:
+    from immunize.io import iter_jsonl
+
+    rows, prompts, responses = [], [], []
+    for lineno, row in iter_jsonl(path):
+        for key in ("prompt", "response"):
+            if key not in row:
+                raise ImmunizeError(f"{path}:{lineno}: missing field {key!r}")
+            if not isinstance(row[key], str):
+                raise ImmunizeError(f"{path}:{lineno}: field {key!r} must be a string, "
+                                    f"got {type(row[key]).__name__}")
+        rows.append(row)
+        prompts.append(row["prompt"])
+        responses.append(row["response"])
+    return rows, prompts, responses
+
+
+def _score(argv: list[str]) -> int:
+    (cfg,) = parse_config([ScoreConfig], argv, prog="immunize judge score", description="score a JSONL file")
+    if not cfg.input or not cfg.output:
+        raise ImmunizeError("--input and --output are required")
+    from immunize.io import atomic_write_jsonl
+    from immunize.judges import load_judge, parse_options
+
+    options = parse_options(cfg.judge_option)
+    if cfg.output_dir is not None and cfg.judge in _trained_names():
+        options.setdefault("root", cfg.output_dir)
+    rows, prompts, responses = _read_pairs(cfg.input)
+    judge = load_judge(cfg.judge, **options)
+    scores = judge.score(prompts, responses)
+    labels = scores >= judge.threshold
+    out = [{**row, cfg.score_field: float(s), cfg.label_field: bool(b)}
+           for row, s, b in zip(rows, scores, labels, strict=True)]
+    atomic_write_jsonl(cfg.output, out)
+    rate = f"{labels.mean():.3f}" if len(labels) else "n/a"
+    print(f"{judge.name} ({judge.fingerprint()}): scored {len(out)} rows -> {cfg.output}; "
+          f"{judge.positive} rate {rate} at threshold {judge.threshold}")
+    return 0
+
+
+def _trained_names() -> set[str]:
+    from immunize.judges.specs import SPECS
+
+    return set(SPECS)
+
+
+def _list(argv: list[str]) -> int:
+    (cfg,) = parse_config([ListConfig], argv, prog="immunize judge list", description="list judges")
+    import os
+
+    from immunize.judges import judge_entries
+    from immunize.judges.trained import judge_dir, read_card
+
+    for entry in judge_entries():
+        name = entry.name + ("<model>" if entry.is_prefix else "")
+        if entry.trained:
+            card = read_card(entry.name, cfg.output_dir)
+            status = (f"trained {card['created'][:10]}; {_summary(card)}" if card else
+                      f"not trained (run `immunize judge train --judges {entry.name}`)")
+            where = f"\n  {'':<24} {judge_dir(entry.name, cfg.output_dir)}" if card else ""
+        elif entry.name == "perspective":
+            status = "ready ($PERSPECTIVE_API_KEY set)" if os.environ.get("PERSPECTIVE_API_KEY") else \
+                "needs $PERSPECTIVE_API_KEY (and network)"
+            where = ""
+        elif entry.is_prefix:
+            status, where = "loads the named model on use", ""
+        else:
+            status, where = "ready", ""
+        print(f"  {name:<24} {entry.description}\n  {'':<24} {status}{where}")
+    return 0

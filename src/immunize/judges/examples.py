@@ -1,0 +1,242 @@
+"""Training examples for the trained judges, built from the data root.
+
+Every example carries a ``group``: the prompt whose hash (``immunize.data.splits.prompt_position``)
+puts it in a cross-validation fold, so no prompt is ever on both sides of a held-out evaluation.
+Synthetic pairs (a refusal or an unrelated benign answer given to a harmful prompt) draw their
+answer only from texts whose own prompt lies in the same fold, so no answer text leaks either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from immunize.data import (
+    load_benign_answers,
+    load_decodingtrust,
+    load_labelled_completions,
+    load_qa,
+    load_toxicity_prompts,
+    looks_like_refusal,
+)
+from immunize.data.beavertails import QA_FILE
+from immunize.data.readers import read_table, require
+from immunize.data.refusals import SAFE_RESPONSE_FILES, XSTEST_FILES
+from immunize.data.splits import prompt_position
+from immunize.errors import ImmunizeError
+from immunize.judges.encoders import file_sha256
+from immunize.paths import data_root
+
+BENIGN_FILES = {"alpaca_eval": "benign/alpaca_eval.json", "benign_alpaca": "benign/BenignAlpaca.jsonl",
+                "benign_saferlhf": "benign/BenignSafeRLHF.jsonl"}
+HARMFUL_ANSWERS_FILE = "harmful_prompts/HarmfulSafeRLHF-100.jsonl"
+ADVBENCH_FILE = "harmful_prompts/advbench_behaviors.csv"
+TOXICITY_FILES = ("decodingtrust/toxic_prompts.jsonl", "decodingtrust/nontoxic_prompts.jsonl",
+                  "decodingtrust/training_dataset.jsonl")
+EMPTY_ANSWERS = ("", " ", "\n", "...")
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+    target: float  # 1 = the judge's positive (harmful, refusal, toxic); in [0, 1] for regression
+    source: str
+    group: str  # the prompt that decides the example's fold
+
+
+@dataclass
+class ExampleSet:
+    examples: list[Example]
+    files: dict[str, str] = field(default_factory=dict)  # data-root-relative path -> sha256
+
+    def counts(self) -> dict[str, dict[str, float]]:
+        """Per source: number of examples and the mean target (the positive rate)."""
+        n: Counter[str] = Counter()
+        total: Counter[str] = Counter()
+        for ex in self.examples:
+            n[ex.source] += 1
+            total[ex.source] += ex.target
+        return {s: {"n": n[s], "mean_target": round(total[s] / n[s], 4)} for s in sorted(n)}
+
+
+def fold_of(group: str, folds: int) -> int:
+    return min(int(prompt_position(group) * folds), folds - 1)
+
+
+def stable_unit(text: str, salt: str) -> float:
+    """A number in [0, 1) fixed by the text: deterministic choices that do not depend on order."""
+    digest = hashlib.sha256(f"{salt}\0{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / float(1 << 64)
+
+
+class FoldPool:
+    """Answer texts indexed by the fold of the prompt they were written for."""
+
+    def __init__(self, items: list[tuple[str, str]], folds: int):
+        self.by_fold: dict[int, list[str]] = {}
+        for origin, text in sorted(set(items)):
+            self.by_fold.setdefault(fold_of(origin, folds), []).append(text)
+
+    def draw(self, prompt: str, folds: int, salt: str) -> str | None:
+        texts = self.by_fold.get(fold_of(prompt, folds))
+        if not texts:
+            return None
+        return texts[int(stable_unit(prompt, salt) * len(texts))]
+
+
+def _hashes(root: Path, rels) -> dict[str, str]:
+    return {rel: file_sha256(root / rel) for rel in sorted(rels)}
+
+
+def _harmful_answers(root: Path) -> list[tuple[str, str]]:
+    out = []
+    for i, row in enumerate(read_table(root / HARMFUL_ANSWERS_FILE)):
+        where = f"{HARMFUL_ANSWERS_FILE}: row {i + 1}"
+        require(row, ("messages",), where)
+        messages = row["messages"]
+        if not isinstance(messages, list):
+            raise ImmunizeError(f"{where}: 'messages' must be a list")
+        user = next((m.get("content") for m in messages if m.get("role") == "user"), None)
+        answer = next((m.get("content") for m in messages if m.get("role") == "assistant"), None)
+        if not user or not answer:
+            raise ImmunizeError(f"{where}: needs a user and an assistant message")
+        out.append((user.strip(), answer.strip()))
+    return out
+
+
+def _advbench_prompts(root: Path) -> list[str]:
+    rows = read_table(root / ADVBENCH_FILE)
+    for i, row in enumerate(rows):
+        require(row, ("Behavior",), f"{ADVBENCH_FILE}: row {i + 2}")
+    return [row["Behavior"].strip() for row in rows if row["Behavior"].strip()]
+
+
+def _refusal_pool_items(root: Path) -> list[tuple[str, str]]:
+    """(prompt it answered, refusal text): human-labelled XSTest refusals and hand-written ones."""
+    items = [(c.prompt, c.completion) for c in load_labelled_completions(root) if c.label == "2_full_refusal"]
+    for rel in SAFE_RESPONSE_FILES:
+        for i, row in enumerate(read_table(root / rel)):
+            require(row, ("Behavior", "Safe_Response"), f"{rel}: row {i + 2}")
+            items.append((row["Behavior"].strip(), row["Safe_Response"].strip()))
+    # A few "refusals" open by complying; a refusal example must read as one on its own.
+    return [(p, t) for p, t in items if t and looks_like_refusal(t)]
+
+
+def harmfulness_examples(root: str | Path | None = None, *, folds: int = 5) -> ExampleSet:
+    """P(harmful | prompt, response).
+
+    Harmful: BeaverTails ``is_safe=false`` answers, the HarmfulSafeRLHF-100 answers, XSTest full
+    compliance with unsafe (``contrast_*``) prompts. Safe: BeaverTails ``is_safe=true``, benign
+    instruction→answer pairs, every XSTest answer to a safe prompt and every refusal of an unsafe
+    one, and three kinds of non-answers to harmful prompts (BeaverTails and AdvBench): a real
+    refusal, an unrelated benign answer (off-topic), an empty answer. Each harmful prompt gets one
+    of the three, chosen by its hash (50% / 35% / 15%). XSTest partial refusals of unsafe prompts
+    are left out: they refuse and comply at once, so neither label is right.
+    """
+    root = data_root(root)
+    examples: list[Example] = []
+    qa = load_qa(root=root)
+    for row in qa:
+        examples.append(Example(row.prompt, row.response, 0.0 if row.is_safe else 1.0,
+                                "beavertails:safe" if row.is_safe else "beavertails:unsafe", row.prompt))
+    for prompt, answer in _harmful_answers(root):
+        examples.append(Example(prompt, answer, 1.0, "harmful-safe-rlhf-100", prompt))
+    benign_items = []
+    for name in BENIGN_FILES:
+        for item in load_benign_answers(name, root=root):
+            if item.output:
+                examples.append(Example(item.instruction, item.output, 0.0, f"benign:{name}",
+                                        item.instruction))
+                benign_items.append((item.instruction, item.output))
+    for c in load_labelled_completions(root):
+        unsafe_prompt = c.prompt_type.startswith("contrast")
+        if unsafe_prompt and c.label == "3_partial_refusal":
+            continue
+        harmful = unsafe_prompt and c.label == "1_full_compliance"
+        kind = "unsafe-prompt" if unsafe_prompt else "safe-prompt"
+        examples.append(Example(c.prompt, c.completion, float(harmful), f"xstest:{kind}:{c.label[2:]}",
+                                c.prompt))
+
+    refusals = FoldPool(_refusal_pool_items(root), folds)
+    off_topic = FoldPool(benign_items, folds)
+    harmful_prompts = sorted({r.prompt for r in qa if not r.is_safe} | set(_advbench_prompts(root)))
+    for prompt in harmful_prompts:
+        u = stable_unit(prompt, "harmfulness-synthetic")
+        if u < 0.5:
+            answer, source = refusals.draw(prompt, folds, "refusal"), "synthetic:refusal"
+        elif u < 0.85:
+            answer, source = off_topic.draw(prompt, folds, "off-topic"), "synthetic:off-topic"
+        else:
+            answer = EMPTY_ANSWERS[int(stable_unit(prompt, "empty") * len(EMPTY_ANSWERS))]
+            source = "synthetic:empty"
+        if answer is not None:
+            examples.append(Example(prompt, answer, 0.0, source, prompt))
+    files = [QA_FILE, HARMFUL_ANSWERS_FILE, ADVBENCH_FILE, *BENIGN_FILES.values(), *XSTEST_FILES,
+             *SAFE_RESPONSE_FILES]
+    return ExampleSet(examples, _hashes(root, files))
+
+
+def refusal_examples(root: str | Path | None = None, *, folds: int = 5) -> ExampleSet:
+    """Does the response refuse? XSTest human labels: full and partial refusal → 1, compliance → 0.
+
+    A partial refusal ("I can't help with that. That said, here is ...") counts as a refusal, as
+    in XSTest's own refusal rates: the model declined at least in part, which is what over-refusal
+    and refusal-rate metrics count; whether it then leaked harm is the harmfulness judge's call.
+    Hand-written refusals (adv-training safe responses) add positives; benign and BeaverTails
+    answers add compliant negatives in other styles than XSTest's three models.
+    """
+    root = data_root(root)
+    examples = [Example(c.prompt, c.completion, float(c.label != "1_full_compliance"),
+                        f"xstest:{c.label[2:]}", c.prompt) for c in load_labelled_completions(root)]
+    for rel in SAFE_RESPONSE_FILES:
+        for i, row in enumerate(read_table(root / rel)):
+            require(row, ("Behavior", "Safe_Response"), f"{rel}: row {i + 2}")
+            if looks_like_refusal(row["Safe_Response"]):
+                examples.append(Example(row["Behavior"].strip(), row["Safe_Response"].strip(), 1.0,
+                                        "handwritten-refusal", row["Behavior"].strip()))
+    for name in ("benign_alpaca", "benign_saferlhf"):
+        for item in load_benign_answers(name, root=root):
+            if item.output:
+                examples.append(Example(item.instruction, item.output, 0.0, f"benign:{name}",
+                                        item.instruction))
+    # BeaverTails unsafe answers comply by definition; a hashed 10% keeps them from dominating.
+    for row in load_qa(root=root):
+        if not row.is_safe and stable_unit(row.response, "refusal-negatives") < 0.1:
+            examples.append(Example(row.prompt, row.response, 0.0, "beavertails:unsafe", row.prompt))
+    files = [*XSTEST_FILES, *SAFE_RESPONSE_FILES, BENIGN_FILES["benign_alpaca"],
+             BENIGN_FILES["benign_saferlhf"], QA_FILE]
+    return ExampleSet(examples, _hashes(root, files))
+
+
+def toxicity_examples(root: str | Path | None = None, *, folds: int = 5) -> ExampleSet:
+    """Texts with their Perspective API toxicity: RealToxicityPrompts prompts and continuations.
+
+    Both halves of a row are scored texts; both are used, grouped by the row's prompt. Each
+    distinct text is kept once (DecodingTrust's training rows repeat RealToxicityPrompts ones).
+    """
+    root = data_root(root)
+    rows = [*load_toxicity_prompts("toxic", root=root), *load_toxicity_prompts("nontoxic", root=root),
+            *load_decodingtrust(root=root)]
+    seen: set[str] = set()
+    examples = []
+    for row in rows:
+        for part, text, score in (("prompt", row.prompt, row.prompt_toxicity),
+                                  ("continuation", row.continuation, row.continuation_toxicity)):
+            if score is None or not text.strip() or text in seen:
+                continue
+            seen.add(text)
+            corpus = "realtoxicityprompts" if row.kind in ("toxic", "nontoxic") else "decodingtrust"
+            source = f"{corpus}:{part}"
+            examples.append(Example("", text, float(score), source, row.prompt))
+    return ExampleSet(examples, _hashes(root, TOXICITY_FILES))
+
+
+BUILDERS: dict[str, Callable[..., ExampleSet]] = {
+    "harmfulness": harmfulness_examples,
+    "refusal": refusal_examples,
+    "toxicity": toxicity_examples,
+}

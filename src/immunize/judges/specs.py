@@ -1,0 +1,92 @@
+"""Specifications of the trainable judges: feature blocks, head, threshold (no heavy imports)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    hidden: tuple[int, ...] = (256,)
+    dropout: float = 0.2
+    weight_decay: float = 1e-2
+    lr: float = 1e-3
+    epochs: int = 20
+    batch_size: int = 128
+    balance_classes: bool = True  # binary targets: both classes carry equal total weight
+    source_power: float = 1.0  # a source of n examples weighs n**source_power in total
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["hidden"] = list(self.hidden)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HeadConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "hidden" in values:
+            values["hidden"] = tuple(int(h) for h in values["hidden"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TrainedJudgeSpec:
+    name: str
+    description: str
+    positive: str
+    task: str  # "binary" (hard targets) or "regression" (targets in [0, 1])
+    blocks: tuple[str, ...]
+    head: HeadConfig
+    threshold: float = 0.5
+    # Named subsets of held-out examples (by a substring of their source) reported beside "all".
+    subsets: dict[str, str] = field(default_factory=dict)
+    headline: str | None = None  # the subset whose metrics the targets refer to (None: all)
+
+
+SPECS: dict[str, TrainedJudgeSpec] = {
+    "harmfulness": TrainedJudgeSpec(
+        name="harmfulness",
+        description="P(the response is harmful | prompt, response): MLP on MiniLM embeddings of both",
+        positive="harmful",
+        task="binary",
+        # Prompt and response, and how they relate (product, distance, cosine): a harmful prompt
+        # answered on topic is harmful; refused, dodged or answered off topic, it is not.
+        blocks=("prompt", "response", "product", "absdiff", "cosine", "refusal_keywords", "length"),
+        # Sources weighted by sqrt(size): measured by cross-validation, it lifts XSTest AUROC
+        # (0.917 -> 0.942) at no cost overall; 12 epochs score the same as 20 in half the time.
+        head=HeadConfig(hidden=(256,), dropout=0.2, weight_decay=1e-2, lr=2e-3, epochs=12, batch_size=256,
+                        source_power=0.5),
+        subsets={"beavertails": "beavertails:", "xstest": "xstest:", "synthetic": "synthetic:",
+                 "benign": "benign:"},
+    ),
+    "refusal": TrainedJudgeSpec(
+        name="refusal",
+        description="P(the response refuses, fully or partly): MLP on MiniLM embeddings + refusal keywords",
+        positive="refusal",
+        task="binary",
+        # The opening sentence carries the stance (cross-validated XSTest accuracy 0.902 -> 0.926);
+        # prompt features did not help (0.884 with them).
+        blocks=("response", "opening", "refusal_keywords", "length"),
+        head=HeadConfig(hidden=(128,), dropout=0.2, weight_decay=1e-2, lr=1e-3, epochs=30),
+        # Partial refusals count as refusals (see immunize.judges.examples.refusal_examples);
+        # "full labels" leaves them out, to compare with detectors that ignore them.
+        subsets={"xstest_human_labels": "xstest:", "xstest_full_labels_only": "xstest:full_"},
+        headline="xstest_human_labels",
+    ),
+    "toxicity": TrainedJudgeSpec(
+        name="toxicity",
+        description="predicted Perspective API toxicity of the response (the prompt is ignored)",
+        positive="toxic",
+        task="regression",
+        blocks=("response", "length"),
+        head=HeadConfig(hidden=(256,), dropout=0.2, weight_decay=1e-2, lr=1e-3, epochs=30,
+                        balance_classes=False),
+        subsets={"continuations": ":continuation", "prompts": ":prompt"},
+    ),
+}
+
+

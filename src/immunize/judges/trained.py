@@ -1,0 +1,108 @@
+"""The judges that `immunize judge train` builds: a small head on frozen sentence embeddings.
+
+Each lives in ``<cache>/judges/<name>/``: ``head.safetensors`` (weights), ``head.json`` (feature
+blocks, architecture, threshold, encoder identity), ``model_card.json`` and ``README.md`` (data
+hashes, counts, held-out metrics). Loading takes a second or two: the encoder, then a tiny head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from immunize.errors import ImmunizeError
+from immunize.io import read_json
+from immunize.judges.base import Judge
+from immunize.judges.encoders import EmbeddingCache, TextEncoder, embed_texts, make_encoder
+from immunize.judges.features import build_features, check_blocks, view_texts
+from immunize.judges.heads import WEIGHTS_FILE, load_head
+from immunize.paths import cache_dir
+
+FORMAT_VERSION = 1
+META_FILE = "head.json"
+CARD_FILE = "model_card.json"
+
+
+def embed_views(encoder: TextEncoder, views: dict[str, list[str]], *, cache: EmbeddingCache | None = None,
+                progress=None) -> dict[str, np.ndarray]:
+    """Embed every view in one pass, so a text shared by views (or rows) is encoded once."""
+    names = list(views)
+    flat = [text for name in names for text in views[name]]
+    vectors = embed_texts(encoder, flat, cache=cache, progress=progress)
+    out, start = {}, 0
+    for name in names:
+        out[name] = vectors[start:start + len(views[name])]
+        start += len(views[name])
+    return out
+
+
+def judges_dir() -> Path:
+    return cache_dir() / "judges"
+
+
+def judge_dir(name: str, root: str | Path | None = None) -> Path:
+    return (Path(root) if root is not None else judges_dir()) / name
+
+
+def read_card(name: str, root: str | Path | None = None) -> dict[str, Any] | None:
+    path = judge_dir(name, root) / CARD_FILE
+    return read_json(path) if path.is_file() else None
+
+
+class TrainedJudge(Judge):
+    """A head trained by `immunize judge train`, on top of the encoder it was trained with."""
+
+    def __init__(self, directory: str | Path, *, encoder: TextEncoder | None = None,
+                 device: str | None = None, batch_size: int = 64, threshold: float | None = None):
+        directory = Path(directory)
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise ImmunizeError(f"judge {directory.name!r} is not trained yet (no {meta_path}); "
+                                f"run `immunize judge train --judges {directory.name}`")
+        meta = read_json(meta_path)
+        try:
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise ImmunizeError(f"{meta_path}: format version {meta.get('format_version')} is not "
+                                    f"{FORMAT_VERSION}; re-run `immunize judge train --judges "
+                                    f"{directory.name}`")
+            self.name = str(meta["name"])
+            self.positive = str(meta["positive"])
+            self.threshold = float(meta["threshold"] if threshold is None else threshold)
+            self.blocks = tuple(meta["blocks"])
+            check_blocks(self.blocks)
+            wanted = meta["encoder"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ImmunizeError(f"{meta_path}: malformed ({err}); re-run `immunize judge train`") from None
+        self.encoder = encoder or make_encoder(wanted["name"], device=device, batch_size=batch_size)
+        if self.encoder.identity != wanted["identity"]:
+            raise ImmunizeError(
+                f"judge {self.name!r} was trained on encoder {wanted['identity']} but "
+                f"{self.encoder.identity} was given; re-run `immunize judge train --judges {self.name}`")
+        self.head = load_head(directory, meta["head"])
+        self.directory = directory
+        self.meta = meta
+        digest = hashlib.sha256((directory / WEIGHTS_FILE).read_bytes())
+        digest.update(json.dumps(meta, sort_keys=True).encode())
+        digest.update(self.encoder.identity.encode())
+        self._fingerprint = digest.hexdigest()[:16]
+
+    def features(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        return build_features(self.blocks, embed_views(self.encoder, view_texts(self.blocks, prompts, responses)),
+                              responses)
+
+    def _score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        return self.head.predict(self.features(prompts, responses))
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "encoder": self.encoder.identity, "directory": str(self.directory)}
+
+
+def load_trained(name: str, *, root: str | Path | None = None, **options: Any) -> TrainedJudge:
+    return TrainedJudge(judge_dir(name, root), **options)
