@@ -643,7 +643,7 @@ def test_defence_pairs_come_from_the_defence_split_only(tmp_path):
     from immunize.data import load_splits
 
     root = _write_data_root(tmp_path / "data")
-    cfg = _config(tmp_path, data_root=str(root), held_out_categories="child_abuse")
+    cfg = _config(tmp_path, data_root=str(root), held_out_categories=["child_abuse"])
     pairs, _ = build_defence_pairs(cfg)
     full = load_splits(root=root)
     defence_prompts = {r.prompt for r in full.defence}

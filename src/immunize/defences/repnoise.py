@@ -134,8 +134,9 @@ class RepNoiseConfig(ImmunizeTrainingArguments):
     ablate: str = field(default="", metadata={
         "help": f"comma list of terms to switch off (paper ablations): {', '.join(ABLATIONS)}; "
                 "'lens' reads the ascent from the output only, 'mask' scores every harmful token"})
-    held_out_categories: str = field(default="", metadata={
-        "help": "comma list of BeaverTails categories kept out of the defence data (cross-domain tests)"})
+    held_out_categories: list[str] = field(default_factory=list, metadata={
+        "help": "BeaverTails categories kept out of the defence data (cross-domain tests); space-separated "
+                "names as in immunize.data.CATEGORIES (several contain commas, so this is a list)"})
     lens_chunk_tokens: int = field(default=0, metadata={
         "help": "rows per LM-head chunk in the lens (0: about 64 MiB of fp32 logits per chunk)"})
 
@@ -373,8 +374,8 @@ class RepNoiseTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def _categories(value: str) -> tuple[str, ...]:
-    return tuple(_split_list(value))
+def _categories(value: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(value)
 
 
 def build_defence_pairs(cfg: RepNoiseConfig):

@@ -112,7 +112,7 @@ class Experiment:
                                    "num_samples": c.defence_num_samples, **self._common()}
         if name == "repnoise":
             options.update(alpha=c.repnoise_alpha, beta=c.repnoise_beta,
-                           held_out_categories=",".join(c.held_out_categories))
+                           held_out_categories=list(c.held_out_categories))
         fields = {f.name for f in dataclasses.fields(defence.config_class)}
         unknown = set(options) - fields
         if unknown:
