@@ -333,6 +333,13 @@ def main() -> None:
         ("repnoise / sft_refusals step peak memory", ratio("repnoise", "sft_refusals", "step_peak"),
          None, None),
     ]
+    # The lens's full-vocabulary read-out at every scored position of every layer is the method's
+    # own cost; at equal efficiency a time ratio cannot beat the FLOP ratio of the two variants.
+    for a, b in (("repnoise", "sft"), ("naive", "repnoise")):
+        value = ratio(a, b, "seconds")
+        if value is not None:
+            checks.append((f"{a} / {b} matmul FLOPs (time's floor)",
+                           step_flops(a, config, results[a]) / step_flops(b, config, results[b]), None, None))
     for label, value, op, target in checks:
         if value is None:
             print(f"{label:<42} n/a")

@@ -80,3 +80,37 @@ def test_run_end_to_end_then_cached(tmp_path, tiny_checkpoint, fake_judges, isol
         {p.parent.name for p in mtimes}
     assert sorted(name.split("-")[0] for name in new) == ["analysis", "attack", "attack", "evaluate", "evaluate"]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["budgets"][0]["learning_rate"] == 2e-3
+
+
+def test_run_trains_missing_trainable_judges_once(tmp_path, tiny_checkpoint, isolated_cache, monkeypatch):
+    """A fresh machine has no trained judges: the run trains the ones it uses, then keys on them."""
+    from immunize.judges import training
+    from immunize.judges.trained import judge_dir, trained_state
+    from immunize.pipeline.run import Experiment
+
+    calls = []
+
+    def fake_train(names, **kwargs):
+        calls.append(list(names))
+        for name in names:
+            judge_dir(name).mkdir(parents=True, exist_ok=True)
+            (judge_dir(name) / "head.safetensors").write_bytes(name.encode())
+            (judge_dir(name) / "head.json").write_text("{}")
+        return {}
+
+    monkeypatch.setattr(training, "train_judges", fake_train)
+    experiment = Experiment(recipe(tmp_path, tiny_checkpoint))
+    state = experiment.judges()
+    assert calls == [["harmfulness", "refusal", "toxicity"]]
+    assert state == trained_state() and all(state.values())
+    assert experiment.judges() == state and len(calls) == 1  # trained once
+
+
+def test_run_leaves_registered_non_trainable_judges_alone(tmp_path, tiny_checkpoint, fake_judges, isolated_cache,
+                                                         monkeypatch):
+    from immunize.judges import training
+    from immunize.pipeline.run import Experiment
+
+    monkeypatch.setattr(training, "train_judges", lambda *a, **k: pytest.fail("must not train"))
+    assert Experiment(recipe(tmp_path, tiny_checkpoint)).judges() == {"harmfulness": None, "refusal": None,
+                                                                       "toxicity": None}

@@ -76,16 +76,10 @@ def _progress(message: str) -> None:
 def _train(argv: list[str]) -> int:
     (cfg,) = parse_config([TrainConfig], argv, prog="immunize judge train",
                           description="train the default judges")
-    from immunize.judges.encoders import EmbeddingCache, make_encoder
-    from immunize.judges.specs import SPECS
     from immunize.judges.trained import judges_dir
-    from immunize.judges.training import train_judge
+    from immunize.judges.training import train_judges
 
     names = [n.strip() for n in cfg.judges.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SPECS]
-    if not names or unknown:
-        raise ImmunizeError(f"--judges: {', '.join(unknown) or 'nothing given'} "
-                            f"(trainable: {', '.join(SPECS)})")
     if cfg.threads is not None:
         if cfg.threads < 1:
             raise ImmunizeError(f"--threads: must be at least 1, got {cfg.threads}")
@@ -93,15 +87,10 @@ def _train(argv: list[str]) -> int:
 
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
-    encoder = make_encoder(cfg.encoder, device=cfg.device, batch_size=cfg.batch_size)
     out_root = cfg.output_dir or judges_dir()
-    cache = None
-    if cfg.embedding_cache:
-        cache = EmbeddingCache(f"{out_root}/embeddings", encoder.identity, encoder.dim)
-    cards = {}
-    for name in names:
-        cards[name] = train_judge(name, encoder=encoder, data_root_dir=cfg.data_root, out_root=out_root,
-                                  cache=cache, folds=cfg.folds, progress=_progress)
+    cards = train_judges(names, encoder_name=cfg.encoder, device=cfg.device, batch_size=cfg.batch_size,
+                         data_root_dir=cfg.data_root, out_root=out_root, embedding_cache=cfg.embedding_cache,
+                         folds=cfg.folds, progress=_progress)
     print(f"trained {', '.join(names)} in {time.perf_counter() - start:.0f}s; saved under {out_root}")
     for name, card in cards.items():
         print(f"  {name:<12} {_summary(card)}")

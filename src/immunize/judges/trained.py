@@ -53,6 +53,28 @@ def read_card(name: str, root: str | Path | None = None) -> dict[str, Any] | Non
     return read_json(path) if path.is_file() else None
 
 
+def trained_state(root: str | Path | None = None) -> dict[str, str | None]:
+    """Per trainable judge: a hash of its head's files (None when not trained), without loading it.
+
+    Cached pipeline stages that scored with a judge key on this, so retraining the judges
+    recomputes what they judged instead of reusing scores from the old heads.
+    """
+    from immunize.judges.specs import SPECS
+
+    state: dict[str, str | None] = {}
+    for name in SPECS:
+        directory = judge_dir(name, root)
+        files = [directory / WEIGHTS_FILE, directory / META_FILE]
+        if all(f.is_file() for f in files):
+            digest = hashlib.sha256()
+            for f in files:
+                digest.update(f.read_bytes())
+            state[name] = digest.hexdigest()[:16]
+        else:
+            state[name] = None
+    return state
+
+
 class TrainedJudge(Judge):
     """A head trained by `immunize judge train`, on top of the encoder it was trained with."""
 
@@ -75,7 +97,7 @@ class TrainedJudge(Judge):
             self.blocks = tuple(meta["blocks"])
             check_blocks(self.blocks)
             wanted = meta["encoder"]
-        except (KeyError, TypeError, ValueError) as err:
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise ImmunizeError(f"{meta_path}: malformed ({err}); re-run `immunize judge train`") from None
         self.encoder = encoder or make_encoder(wanted["name"], device=device, batch_size=batch_size)
         if self.encoder.identity != wanted["identity"]:
@@ -83,6 +105,9 @@ class TrainedJudge(Judge):
                 f"judge {self.name!r} was trained on encoder {wanted['identity']} but "
                 f"{self.encoder.identity} was given; re-run `immunize judge train --judges {self.name}`")
         self.head = load_head(directory, meta["head"])
+        # Load the encoder's weights now: a missing package or device fails at load_judge, and the
+        # first score() call is not the slow one.
+        self.encoder.load()
         self.directory = directory
         self.meta = meta
         digest = hashlib.sha256((directory / WEIGHTS_FILE).read_bytes())

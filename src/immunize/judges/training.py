@@ -163,3 +163,20 @@ def _write_judge(target: Path, head, spec: TrainedJudgeSpec, meta: dict[str, Any
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def train_judges(names: list[str], *, encoder_name: str = "minilm", device: str | None = None,
+                 batch_size: int = 64, data_root_dir: str | Path | None = None, out_root: str | Path | None = None,
+                 embedding_cache: bool = True, folds: int = 5, progress: Progress = _quiet) -> dict[str, dict]:
+    """Train several judges on one encoder (loaded once) and one embedding cache; their model cards."""
+    from immunize.judges.encoders import make_encoder
+    from immunize.judges.trained import judges_dir
+
+    unknown = [n for n in names if n not in SPECS]
+    if not names or unknown:
+        raise ImmunizeError(f"--judges: {', '.join(unknown) or 'nothing given'} (trainable: {', '.join(SPECS)})")
+    encoder = make_encoder(encoder_name, device=device, batch_size=batch_size)
+    out_root = Path(out_root) if out_root is not None else judges_dir()
+    cache = EmbeddingCache(f"{out_root}/embeddings", encoder.identity, encoder.dim) if embedding_cache else None
+    return {name: train_judge(name, encoder=encoder, data_root_dir=data_root_dir, out_root=out_root, cache=cache,
+                              folds=folds, progress=progress) for name in names}

@@ -75,6 +75,31 @@ class Experiment:
         )
 
     # -- stages ----------------------------------------------------------------------------
+    def judges(self) -> dict[str, str | None]:
+        """Train the trainable judges this run scores with if this machine has none yet; their state.
+
+        The state (a hash of each trained head) enters the keys of the stages that judge, so
+        retraining the judges recomputes their scores instead of reusing the old heads' ones.
+        """
+        from immunize.judges import judge_entries
+        from immunize.judges.trained import judges_dir, trained_state
+        from immunize.judges.training import train_judges
+
+        config = self._eval_config("", PRE_ATTACK_SECTIONS)
+        used = {config.harmfulness_judge, config.refusal_judge, config.toxicity_judge}
+        trainable = {entry.name for entry in judge_entries() if entry.trained}
+        state = trained_state()
+        missing = [name for name in state if name in used & trainable and state[name] is None]
+        if missing:
+            self.progress.line(f"judges {', '.join(missing)}: not trained on this machine yet; training them "
+                               f"once into {judges_dir()} (about 10 minutes on 2 CPU cores)")
+            start = time.perf_counter()
+            train_judges(missing, data_root_dir=self.cfg.data_root,
+                         progress=lambda text: self.progress.line(f"  {text}"))
+            self.progress.line(f"judges trained in {time.perf_counter() - start:.0f} s")
+            state = trained_state()
+        return state
+
     def base(self) -> tuple[str, str]:
         from immunize.models import model_fingerprint, resolve_model_source
 
@@ -130,7 +155,8 @@ class Experiment:
         from immunize.evaluation import evaluate
 
         config = self._eval_config(model, sections, **extra)
-        stage = Stage("evaluate", label, {"model": model_key, "config": dataclasses.asdict(config) | {"model": ""}},
+        stage = Stage("evaluate", label, {"model": model_key, "config": dataclasses.asdict(config) | {"model": ""},
+                                          "judges": self.judges_state},
                       weight=1.5 if "," in sections else 0.5)
 
         def work(path: Path) -> dict:
@@ -162,7 +188,8 @@ class Experiment:
         }
         config_class = attack.config_class if hasattr(attack, "config_class") else AttackArguments
         stage = Stage("attack", defence, {"model": model_key, **options,
-                                          "judge": c.harmfulness_judge, "curve_prompts": c.curve_num_prompts,
+                                          "judge": c.harmfulness_judge, "judges": self.judges_state,
+                                          "curve_prompts": c.curve_num_prompts,
                                           "curve_tokens": c.curve_max_new_tokens},
                       weight=2.0 * len(self.budgets))
 
@@ -209,6 +236,7 @@ class Experiment:
         clock = time.perf_counter()
         self.root.mkdir(parents=True, exist_ok=True)
         write_provenance(self.root, {"run": c})
+        self.judges_state = self.judges()
         base, base_fp = self.base()
         aligned, aligned_key = self.align(base, base_fp)
         self.models["aligned"] = {"role": "aligned", "defence": "none", "budget": None, "path": aligned,
