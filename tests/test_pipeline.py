@@ -51,7 +51,11 @@ def test_run_end_to_end_then_cached(tmp_path, tiny_checkpoint, fake_judges, isol
     from immunize.report.schema import load_results
 
     cfg = recipe(tmp_path, tiny_checkpoint)
-    report = Experiment(cfg).run()
+    experiment = Experiment(cfg)
+    report = experiment.run()
+    # The progress display planned exactly the stages that ran (its ETA uses the remaining weight).
+    assert experiment.progress.done == experiment.progress.total == 9
+    assert abs(experiment.progress.remaining_weight) < 1e-9
     results = load_results(tmp_path / "run" / "results.json")
     html = report.read_text()
     assert 'id="main-table"' in html and 'id="verdict"' in html

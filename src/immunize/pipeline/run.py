@@ -47,9 +47,16 @@ class Experiment:
              "epochs": cfg.attack_epochs, "seed": s}
             for lr in cfg.attack_learning_rates for n in cfg.attack_num_samples for s in cfg.attack_seeds
         ]
-        stages = 1 + len(cfg.defences) * (2 + 1 + len(self.budgets)) + (1 if cfg.analysis else 0)
+        # Stage counts and weights (the ETA's cost units) as planned: align, one defend stage per
+        # defence other than "none", per defence a pre-attack evaluation, one attack stage over every
+        # budget and a post-attack evaluation per budget, then the analysis.
+        n_defended = sum(name != "none" for name in cfg.defences)
+        n_budgets = len(self.budgets)
+        stages = int(cfg.align) + n_defended + len(cfg.defences) * (2 + n_budgets) + int(cfg.analysis)
         self.progress = Progress(total=stages)
-        self.progress.remaining_weight = float(stages)
+        self.progress.remaining_weight = (2.0 * cfg.align + 3.0 * n_defended
+                                          + len(cfg.defences) * (1.5 + 2.0 * n_budgets + 0.5 * n_budgets)
+                                          + 1.0 * cfg.analysis)
         self.stages = StageRunner(self.root, self.progress)
         self.models: dict[str, dict[str, Any]] = {}
 
