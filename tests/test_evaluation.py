@@ -133,6 +133,22 @@ def test_harmful_prompt_sources(real_data_root):
     assert len(load_harmful_prompts("advbench", 0, root=real_data_root)) == 520
 
 
+def test_held_out_categories_join_the_sample(real_data_root):
+    from immunize.data import load_splits
+    from immunize.evaluation import EvaluationConfig, load_harmful_prompts
+    from immunize.evaluation.harmfulness import parse_categories
+
+    cats = parse_categories("self_harm,terrorism,organized_crime")
+    assert cats == ["self_harm", "terrorism,organized_crime"]
+    base = load_harmful_prompts("beavertails", 5, root=real_data_root)
+    joined = load_harmful_prompts("beavertails", 5, root=real_data_root, categories=cats)
+    every = [e.prompt for e in load_splits(root=real_data_root).eval if e.category in cats]
+    assert joined[:5] == base and every and set(every) <= {p.prompt for p in joined}
+    assert len({p.prompt for p in joined}) == len(joined)  # no prompt twice
+    with pytest.raises(ImmunizeError, match="--harmfulness_categories: unknown BeaverTails category 'self-harm'"):
+        EvaluationConfig(harmfulness_categories="self-harm")
+
+
 # --- judges ------------------------------------------------------------------------------------------
 
 

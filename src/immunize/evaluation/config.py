@@ -108,6 +108,11 @@ class EvaluationConfig:
         default="beavertails", metadata={"help": "beavertails (held-out eval split), advbench, or both"}
     )
     harmfulness_samples: int | None = field(default=None, metadata={"help": "prompts per source (0: all)"})
+    harmfulness_categories: str = field(
+        default="",
+        metadata={"help": "comma-separated BeaverTails categories whose every evaluation prompt joins the "
+                          "sample, e.g. a defence's held-out categories"},
+    )
     harmfulness_max_new_tokens: int | None = field(default=None, metadata={"help": "answer length in tokens"})
     harmfulness_judge: str = field(default="harmfulness", metadata={"help": "judge scoring harmfulness"})
     harmfulness_judge_fallback: str | None = field(
@@ -174,6 +179,9 @@ class EvaluationConfig:
         check_generation_format(self.toxicity_format, "--toxicity_format")
         if self.harmfulness_source not in ("beavertails", "advbench", "both"):
             raise ImmunizeError(f"--harmfulness_source {self.harmfulness_source!r}: use beavertails, advbench or both")
+        from immunize.evaluation.harmfulness import parse_categories  # it imports this module
+
+        parse_categories(self.harmfulness_categories)  # a misspelt category fails here, not mid-run
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int) and not isinstance(value, bool) and f.name != "seed" and value < 0:

@@ -11,6 +11,7 @@ attacks' ``StepScorer`` (``name`` + ``__call__(model, tokenizer) -> dict``) for 
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import numpy as np
 
 from immunize.data import load_splits
 from immunize.data.readers import read_table, require
+from immunize.errors import ImmunizeError
 from immunize.evaluation.config import fixed_subset
 from immunize.evaluation.judging import LoadedJudge, load_role
 from immunize.evaluation.registry import Section, SectionResult, register_section
@@ -39,12 +41,36 @@ class HarmfulPrompt:
     source: str  # beavertails or advbench
 
 
-def load_harmful_prompts(source: str = "beavertails", samples: int | None = None, *, root=None) -> list[HarmfulPrompt]:
-    """Evaluation prompts: a fixed subset of ``samples`` per source (0/None: all)."""
+def parse_categories(text: str) -> list[str]:
+    """Comma- or ';'-separated BeaverTails category names (some names contain commas themselves)."""
+    from immunize.data.beavertails import CATEGORIES
+
+    tokens = [t.strip() for t in re.split(r"[,;]", text) if t.strip()]
+    names, i = [], 0
+    while i < len(tokens):
+        # The longest run of tokens that spells a known category (e.g. "terrorism,organized_crime").
+        j = next((j for j in range(len(tokens), i, -1) if ",".join(tokens[i:j]) in CATEGORIES), None)
+        if j is None:
+            raise ImmunizeError(f"--harmfulness_categories: unknown BeaverTails category {tokens[i]!r} "
+                                f"(known: {'; '.join(CATEGORIES)})")
+        names.append(",".join(tokens[i:j]))
+        i = j
+    return names
+
+
+def load_harmful_prompts(source: str = "beavertails", samples: int | None = None, *, root=None,
+                         categories: Sequence[str] = ()) -> list[HarmfulPrompt]:
+    """Evaluation prompts: a fixed subset of ``samples`` per source (0/None: all).
+
+    Every BeaverTails prompt of ``categories`` joins the subset (after it, in file order): a defence's
+    held-out categories are rare in the evaluation set, and a random sample of 50 usually has none.
+    """
     out: list[HarmfulPrompt] = []
     if source in ("beavertails", "both"):
         rows = [HarmfulPrompt(e.prompt, e.category, "beavertails") for e in load_splits(root=root).eval]
-        out += fixed_subset(rows, samples, key=lambda r: r.prompt)
+        subset = fixed_subset(rows, samples, key=lambda r: r.prompt)
+        chosen = {r.prompt for r in subset}
+        out += subset + [r for r in rows if r.category in set(categories) and r.prompt not in chosen]
     if source in ("advbench", "both"):
         rows = []
         for i, raw in enumerate(read_table(data_root(root) / ADVBENCH_FILE)):
@@ -153,6 +179,7 @@ class Harmfulness(Section):
     options = (
         "harmfulness_source",
         "harmfulness_samples",
+        "harmfulness_categories",
         "harmfulness_max_new_tokens",
         "prompt_format",
         "batch_size",
@@ -164,7 +191,8 @@ class Harmfulness(Section):
 
     def inputs(self, ctx):
         cfg = ctx.config
-        return load_harmful_prompts(cfg.harmfulness_source, cfg.harmfulness_samples, root=ctx.data_root)
+        return load_harmful_prompts(cfg.harmfulness_source, cfg.harmfulness_samples, root=ctx.data_root,
+                                    categories=parse_categories(cfg.harmfulness_categories))
 
     def run(self, ctx, inputs):
         cfg = ctx.config

@@ -78,6 +78,9 @@ class Experiment:
             model=model, suite=c.eval_suite, sections=sections, data_root=c.data_root, dtype=c.dtype,
             prompt_format=c.prompt_format, seed=c.seed, harmfulness_samples=c.eval_harmfulness_samples,
             harmfulness_max_new_tokens=c.eval_max_new_tokens, harmfulness_judge=c.harmfulness_judge,
+            # Held-out categories are rare among the evaluation prompts: take all of theirs, so that
+            # generalization is measured at all.
+            harmfulness_categories=",".join(c.held_out_categories),
             **{k: v for k, v in sizes.items() if v is not None}, **extra,
         )
 
