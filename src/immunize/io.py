@@ -6,6 +6,7 @@ run leaves either the old file or the new one, never a truncated one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -99,3 +100,20 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     return [row for _, row in iter_jsonl(path)]
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, streamed, memoized per process by (path, size, mtime)."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+        _FILE_HASHES[key] = digest.hexdigest()
+    return _FILE_HASHES[key]

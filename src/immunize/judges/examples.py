@@ -27,7 +27,7 @@ from immunize.data.readers import read_table, require
 from immunize.data.refusals import SAFE_RESPONSE_FILES, XSTEST_FILES
 from immunize.data.splits import prompt_position
 from immunize.errors import ImmunizeError
-from immunize.judges.encoders import file_sha256
+from immunize.io import file_sha256
 from immunize.judges.features import opening
 from immunize.judges.topical_refusals import topical_refusal
 from immunize.paths import data_root

@@ -8,6 +8,7 @@ Heavy imports happen inside the factories, so importing the registry stays cheap
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -108,66 +109,35 @@ def _trained(name: str) -> Callable[..., Judge]:
     return factory
 
 
+def _register_lazy(name: str, description: str, module: str, class_name: str, *, takes_model: bool) -> None:
+    """Register a judge class that is imported on first use; its signature gives the options."""
+
+    def judge_class() -> type:
+        return getattr(importlib.import_module(module), class_name)
+
+    def factory(model: str | None, **options: Any) -> Judge:
+        return judge_class()(model or "", **options) if takes_model else judge_class()(**options)
+
+    register_judge(name, description, factory, options=judge_class)
+
+
 def _register_builtins() -> None:
     from immunize.judges.specs import SPECS
 
     for spec in SPECS.values():
         register_judge(spec.name, spec.description, _trained(spec.name), trained=True)
 
-    def keyword(_: str | None, **options: Any) -> Judge:
-        from immunize.judges.keyword import KeywordRefusalJudge
-
-        return KeywordRefusalJudge(**options)
-
-    def keyword_options():
-        from immunize.judges.keyword import KeywordRefusalJudge
-
-        return KeywordRefusalJudge
-
-    register_judge("keyword-refusal",
+    _register_lazy("keyword-refusal",
                    "refusal phrases in the first 200 characters (immunize.data.looks_like_refusal)",
-                   keyword, options=keyword_options)
-
-    def perspective(_: str | None, **options: Any) -> Judge:
-        from immunize.judges.perspective import PerspectiveJudge
-
-        return PerspectiveJudge(**options)
-
-    def perspective_options():
-        from immunize.judges.perspective import PerspectiveJudge
-
-        return PerspectiveJudge
-
-    register_judge("perspective",
+                   "immunize.judges.keyword", "KeywordRefusalJudge", takes_model=False)
+    _register_lazy("perspective",
                    "Perspective API TOXICITY of the response (needs $PERSPECTIVE_API_KEY and network)",
-                   perspective, options=perspective_options)
-
-    def hf(model: str | None, **options: Any) -> Judge:
-        from immunize.judges.hf import HFClassifierJudge
-
-        return HFClassifierJudge(model or "", **options)
-
-    def hf_options():
-        from immunize.judges.hf import HFClassifierJudge
-
-        return HFClassifierJudge
-
-    register_judge("hf:", "a Hugging Face sequence classifier; score = P(harmful label)", hf,
-                   options=hf_options)
-
-    def llama_guard(model: str | None, **options: Any) -> Judge:
-        from immunize.judges.llama_guard import LlamaGuardJudge
-
-        return LlamaGuardJudge(model or "", **options)
-
-    def llama_guard_options():
-        from immunize.judges.llama_guard import LlamaGuardJudge
-
-        return LlamaGuardJudge
-
-    register_judge("llama-guard:",
+                   "immunize.judges.perspective", "PerspectiveJudge", takes_model=False)
+    _register_lazy("hf:", "a Hugging Face sequence classifier; score = P(harmful label)",
+                   "immunize.judges.hf", "HFClassifierJudge", takes_model=True)
+    _register_lazy("llama-guard:",
                    "a Llama-Guard-style generative judge; score = P('unsafe') at the first token",
-                   llama_guard, options=llama_guard_options)
+                   "immunize.judges.llama_guard", "LlamaGuardJudge", takes_model=True)
 
 
 _register_builtins()
