@@ -119,3 +119,11 @@ def test_run_leaves_registered_non_trainable_judges_alone(tmp_path, tiny_checkpo
     monkeypatch.setattr(training, "train_judges", lambda *a, **k: pytest.fail("must not train"))
     assert Experiment(recipe(tmp_path, tiny_checkpoint)).judges() == {"harmfulness": None, "refusal": None,
                                                                        "toxicity": None}
+
+
+def test_recipe_rejects_unknown_held_out_category_before_running(tmp_path, tiny_checkpoint):
+    from immunize.errors import ImmunizeError
+
+    with pytest.raises(ImmunizeError, match=r"^--held_out_categories: unknown BeaverTails categories \['self-harm'\]"):
+        recipe(tmp_path, tiny_checkpoint, held_out_categories=["self-harm"])
+    assert not (tmp_path / "run").exists()

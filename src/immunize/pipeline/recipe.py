@@ -92,3 +92,9 @@ class RunConfig:
                 raise ImmunizeError(f"--{name}: give at least one value")
         if any(n <= 0 for n in self.attack_num_samples):
             raise ImmunizeError("--attack_num_samples: values must be positive")
+        from immunize.data.beavertails import CATEGORIES
+
+        if unknown := [name for name in self.held_out_categories if name not in CATEGORIES]:
+            # Checked here: the stages would find out only after alignment has run.
+            raise ImmunizeError(f"--held_out_categories: unknown BeaverTails categories {unknown} "
+                                f"(known: {'; '.join(CATEGORIES)})")
