@@ -26,7 +26,8 @@ def metrics_table(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 def render_readme(card: dict[str, Any]) -> str:
     heldout = card["heldout"]
-    summary = {k: v for k, v in heldout.items() if k != "by_source"}
+    summary = {k: v for k, v in heldout.items() if k not in ("by_source", "components")}
+    components = heldout.get("components")
     lines = [
         f"# Judge `{card['name']}`",
         "",
@@ -40,12 +41,14 @@ def render_readme(card: dict[str, Any]) -> str:
         f"- encoder: `{card['encoder']['identity']}` (frozen)",
         f"- features: {', '.join(card['features'])}",
         f"- head: {card['head']}",
+        *([f"- n-grams (score = weighted mean with the head): {card['ngrams']}"] if card.get("ngrams") else []),
         "",
         "## Held-out metrics",
         card["heldout_protocol"] + f". Headline subset: `{card['headline']}`.",
         "",
         *metrics_table(summary),
         "",
+        *([f"### Each part alone, on `{card['headline']}`", *metrics_table(components), ""] if components else []),
         "### By source",
         *metrics_table(heldout["by_source"]),
         "",

@@ -34,6 +34,31 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
+class NgramConfig:
+    """A word n-gram logistic regression on the response (see ``immunize.judges.ngrams``)."""
+
+    # Per view: (first words kept, None = the whole response; longest n-gram).
+    views: tuple[tuple[int | None, int], ...] = ((25, 3), (None, 2))
+    min_df: int = 2  # a term must occur in this many training texts
+    c: float = 16.0  # inverse L2 strength (scikit-learn's C); of 1, 4, 16 the best in cross-validation
+    max_iter: int = 2000
+    weight: float = 0.5  # the judge's score: (1 - weight) * head + weight * n-grams
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["views"] = [list(v) for v in self.views]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NgramConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "views" in values:
+            values["views"] = tuple((None if f is None else int(f), int(n)) for f, n in values["views"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class TrainedJudgeSpec:
     name: str
     description: str
@@ -45,6 +70,7 @@ class TrainedJudgeSpec:
     # Named subsets of held-out examples (by a substring of their source) reported beside "all".
     subsets: dict[str, str] = field(default_factory=dict)
     headline: str | None = None  # the subset whose metrics the targets refer to (None: all)
+    ngrams: NgramConfig | None = None  # averaged with the head when set
 
 
 SPECS: dict[str, TrainedJudgeSpec] = {
@@ -73,6 +99,9 @@ SPECS: dict[str, TrainedJudgeSpec] = {
         # copies that make short refusals count (they cost ~1.5 points on whole XSTest answers).
         blocks=("response", "opening", "refusal_keywords", "length"),
         head=HeadConfig(hidden=(128,), dropout=0.2, weight_decay=1e-2, lr=1e-3, epochs=30),
+        # Stock refusal phrases are words, which embeddings blur: with n-grams averaged in,
+        # cross-validated XSTest accuracy 0.916 -> 0.934 (n-grams alone 0.942; see judges.ngrams).
+        ngrams=NgramConfig(),
         # Partial refusals count as refusals (see immunize.judges.examples.refusal_examples);
         # "full labels" leaves them out, to compare with detectors that ignore them.
         subsets={"xstest_human_labels": "xstest:", "xstest_full_labels_only": "xstest:full_",

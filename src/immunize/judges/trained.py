@@ -2,7 +2,9 @@
 
 Each lives in ``<cache>/judges/<name>/``: ``head.safetensors`` (weights), ``head.json`` (feature
 blocks, architecture, threshold, encoder identity), ``model_card.json`` and ``README.md`` (data
-hashes, counts, held-out metrics). Loading takes a second or two: the encoder, then a tiny head.
+hashes, counts, held-out metrics), and for a judge whose spec adds one, an n-gram model
+(``ngrams.json``, ``ngrams.safetensors``) whose score is averaged with the head's. Loading takes
+a second or two: the encoder, then a tiny head.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from immunize.judges.base import Judge
 from immunize.judges.encoders import EmbeddingCache, TextEncoder, embed_texts, make_encoder
 from immunize.judges.features import build_features, check_blocks, view_texts
 from immunize.judges.heads import WEIGHTS_FILE, load_head
+from immunize.judges.ngrams import JSON_FILE as NGRAM_JSON
+from immunize.judges.ngrams import WEIGHTS_FILE as NGRAM_WEIGHTS
+from immunize.judges.ngrams import NgramModel
 from immunize.paths import cache_dir
 
 FORMAT_VERSION = 1
@@ -38,6 +43,19 @@ def embed_views(encoder: TextEncoder, views: dict[str, list[str]], *, cache: Emb
         out[name] = vectors[start:start + len(views[name])]
         start += len(views[name])
     return out
+
+
+def ensemble(head_scores: np.ndarray, ngram_scores: np.ndarray, weight: float) -> np.ndarray:
+    """A judge's score when it has an n-gram model beside its head: the weighted mean of the two."""
+    return (1.0 - weight) * np.asarray(head_scores) + weight * np.asarray(ngram_scores)
+
+
+def judge_files(directory: Path) -> list[Path]:
+    """The files a trained judge scores with (its head, and its n-gram model when it has one)."""
+    files = [directory / WEIGHTS_FILE, directory / META_FILE]
+    if (directory / NGRAM_JSON).is_file():
+        files += [directory / NGRAM_JSON, directory / NGRAM_WEIGHTS]
+    return files
 
 
 def judges_dir() -> Path:
@@ -64,7 +82,7 @@ def trained_state(root: str | Path | None = None) -> dict[str, str | None]:
     state: dict[str, str | None] = {}
     for name in SPECS:
         directory = judge_dir(name, root)
-        files = [directory / WEIGHTS_FILE, directory / META_FILE]
+        files = judge_files(directory)
         if all(f.is_file() for f in files):
             digest = hashlib.sha256()
             for f in files:
@@ -97,6 +115,7 @@ class TrainedJudge(Judge):
             self.blocks = tuple(meta["blocks"])
             check_blocks(self.blocks)
             wanted = meta["encoder"]
+            self.ngrams_weight = float(meta["ngrams_weight"]) if "ngrams_weight" in meta else None
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise ImmunizeError(f"{meta_path}: malformed ({err}); re-run `immunize judge train`") from None
         self.encoder = encoder or make_encoder(wanted["name"], device=device, batch_size=batch_size)
@@ -105,12 +124,16 @@ class TrainedJudge(Judge):
                 f"judge {self.name!r} was trained on encoder {wanted['identity']} but "
                 f"{self.encoder.identity} was given; re-run `immunize judge train --judges {self.name}`")
         self.head = load_head(directory, meta["head"])
+        self.ngrams = NgramModel.load(directory) if self.ngrams_weight is not None else None
         # Load the encoder's weights now: a missing package or device fails at load_judge, and the
         # first score() call is not the slow one.
         self.encoder.load()
         self.directory = directory
         self.meta = meta
-        digest = hashlib.sha256((directory / WEIGHTS_FILE).read_bytes())
+        digest = hashlib.sha256()
+        for path in judge_files(directory):
+            if path.name != META_FILE:
+                digest.update(path.read_bytes())
         digest.update(json.dumps(meta, sort_keys=True).encode())
         digest.update(self.encoder.identity.encode())
         self._fingerprint = digest.hexdigest()[:16]
@@ -120,7 +143,10 @@ class TrainedJudge(Judge):
                               responses)
 
     def _score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
-        return self.head.predict(self.features(prompts, responses))
+        scores = self.head.predict(self.features(prompts, responses))
+        if self.ngrams is None:
+            return scores
+        return ensemble(scores, self.ngrams.predict(responses), self.ngrams_weight)
 
     def fingerprint(self) -> str:
         return self._fingerprint

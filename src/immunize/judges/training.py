@@ -27,8 +27,9 @@ from immunize.judges.examples import BUILDERS, ExampleSet, fold_of
 from immunize.judges.features import build_features, view_texts
 from immunize.judges.heads import fit_head, sample_weights, save_head
 from immunize.judges.metrics import binary_metrics, regression_metrics
+from immunize.judges.ngrams import NgramModel, fit_ngrams
 from immunize.judges.specs import SPECS, TrainedJudgeSpec
-from immunize.judges.trained import CARD_FILE, FORMAT_VERSION, META_FILE, embed_views, judge_dir
+from immunize.judges.trained import CARD_FILE, FORMAT_VERSION, META_FILE, embed_views, ensemble, judge_dir
 from immunize.paths import data_root
 
 Progress = Callable[[str], None]
@@ -83,7 +84,9 @@ def train_judge(name: str, *, encoder: TextEncoder, data_root_dir: str | Path | 
     targets = np.array([ex.target for ex in data.examples], dtype=np.float64)
     sources = np.array([ex.source for ex in data.examples])
     fold_ids = np.array([fold_of(ex.group, folds) for ex in data.examples])
-    held_out = np.full(len(targets), np.nan)
+    responses = [ex.response for ex in data.examples]
+    held_out_head = np.full(len(targets), np.nan)
+    held_out_ngrams = np.full(len(targets), np.nan)
     weights = sample_weights(targets, sources, spec.head)
     for k in range(folds):
         test = fold_ids == k
@@ -91,12 +94,26 @@ def train_judge(name: str, *, encoder: TextEncoder, data_root_dir: str | Path | 
             continue
         train = ~test
         fold_weights = sample_weights(targets[train], sources[train], spec.head)
-        held_out[test] = fit_head(features[train], targets[train], spec.head, fold_weights).predict(features[test])
+        held_out_head[test] = fit_head(features[train], targets[train], spec.head, fold_weights).predict(
+            features[test])
+        if spec.ngrams is not None:
+            model = fit_ngrams([responses[i] for i in np.flatnonzero(train)], targets[train], spec.ngrams,
+                               fold_weights)
+            held_out_ngrams[test] = model.predict([responses[i] for i in np.flatnonzero(test)])
         progress(f"{name}: fold {k + 1}/{folds} done")
-    if np.isnan(held_out).any():
+    if np.isnan(held_out_head).any():
         raise ImmunizeError(f"judge {name}: too few distinct prompts for {folds} folds")
-    metrics = evaluate(spec, targets, held_out, sources)
     head = fit_head(features, targets, spec.head, weights)
+    ngrams = None
+    if spec.ngrams is None:
+        metrics = evaluate(spec, targets, held_out_head, sources)
+    else:
+        metrics = evaluate(spec, targets, ensemble(held_out_head, held_out_ngrams, spec.ngrams.weight), sources)
+        # What each part scores alone, on the headline subset: the case for averaging them.
+        subset = spec.headline or "all"
+        metrics["components"] = {part: evaluate(spec, targets, scores, sources)[subset]
+                                 for part, scores in (("head", held_out_head), ("ngrams", held_out_ngrams))}
+        ngrams = fit_ngrams(responses, targets, spec.ngrams, weights)
     finished = time.perf_counter()
 
     card = {
@@ -108,6 +125,7 @@ def train_judge(name: str, *, encoder: TextEncoder, data_root_dir: str | Path | 
         "encoder": {"name": encoder.name, "identity": encoder.identity, "dim": encoder.dim},
         "features": list(spec.blocks),
         "head": spec.head.to_dict(),
+        "ngrams": spec.ngrams.to_dict() if spec.ngrams is not None else None,
         "data_root": str(root),
         "data_files_sha256": data.files,
         "counts": data.counts(),
@@ -133,18 +151,21 @@ def train_judge(name: str, *, encoder: TextEncoder, data_root_dir: str | Path | 
         "encoder": card["encoder"],
     }
     target = judge_dir(name, out_root)
-    _write_judge(target, head, spec, meta, card)
+    _write_judge(target, head, ngrams, spec, meta, card)
     progress(f"{name}: saved to {target} ({finished - start:.0f}s)")
     return card
 
 
-def _write_judge(target: Path, head, spec: TrainedJudgeSpec, meta: dict[str, Any],
-                 card: dict[str, Any]) -> None:
+def _write_judge(target: Path, head, ngrams: NgramModel | None, spec: TrainedJudgeSpec,
+                 meta: dict[str, Any], card: dict[str, Any]) -> None:
     """Write into a staging directory, then swap it in: a reader sees the old judge or the new one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging."))
     try:
         meta["head"] = save_head(head, spec.head, staging)
+        if ngrams is not None:
+            ngrams.save(staging)
+            meta["ngrams_weight"] = ngrams.config.weight
         atomic_write_json(staging / META_FILE, meta)
         atomic_write_json(staging / CARD_FILE, card)
         atomic_write_text(staging / "README.md", render_readme(card))
