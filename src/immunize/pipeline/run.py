@@ -102,7 +102,7 @@ class Experiment:
         missing = [name for name in state if name in used & trainable and state[name] is None]
         if missing:
             self.progress.line(f"judges {', '.join(missing)}: not trained on this machine yet; training them "
-                               f"once into {judges_dir()} (about 10 minutes on 2 CPU cores)")
+                               f"once into {judges_dir()} (about 4 minutes on 2 CPU cores)")
             start = time.perf_counter()
             train_judges(missing, data_root_dir=self.cfg.data_root,
                          progress=lambda text: self.progress.line(f"  {text}"))
