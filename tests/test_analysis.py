@@ -117,7 +117,7 @@ def test_unmerged_lora_is_analysed_as_its_merged_weights(tokenizer):
 # logit_lens
 
 
-def _naive_logit_lens(model, tokenizer, pairs, arch):
+def _naive_logit_lens(model, tokenizer, pairs, arch, answer_tokens=None):
     """Full logits for every layer and position, then pick the answer tokens: the obvious way."""
     norm = model.get_submodule(FINAL_NORM[arch])
     head = model.get_output_embeddings()
@@ -130,7 +130,7 @@ def _naive_logit_lens(model, tokenizer, pairs, arch):
             # HF's last hidden state is already normed, so the last layer is the model's own logits.
             logits = [head(norm(h)) for h in out.hidden_states[:-1]] + [out.logits]
             labels = torch.tensor(enc.labels)
-            positions = [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
+            positions = [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX][:answer_tokens]
             targets = labels[[t + 1 for t in positions]]
             per_layer = [float(layer[0, positions].softmax(-1).gather(-1, targets[:, None]).sum())
                          for layer in logits]
@@ -148,6 +148,16 @@ def test_logit_lens_matches_naive_full_logits(arch, tokenizer):
     assert lens == pytest.approx(naive, rel=1e-5)
     # Neither batching nor chunking changes the answer.
     assert logit_lens(model, tokenizer, HARMFUL, "chat", batch_size=1, chunk_size=1000) == pytest.approx(lens)
+
+
+def test_logit_lens_reads_only_the_opening_answer_tokens_when_asked(tokenizer):
+    model = tiny_model("llama", layers=3)
+    opening = logit_lens(model, tokenizer, HARMFUL, "chat", batch_size=3, chunk_size=5, answer_tokens=2)
+    assert opening == pytest.approx(_naive_logit_lens(model, tokenizer, HARMFUL, "llama", answer_tokens=2),
+                                    rel=1e-5)
+    assert opening != pytest.approx(logit_lens(model, tokenizer, HARMFUL, "chat"), rel=1e-5)
+    with pytest.raises(ImmunizeError, match="answer_tokens 0"):
+        logit_lens(model, tokenizer, HARMFUL, "chat", answer_tokens=0)
 
 
 def test_logit_lens_golden_and_leaves_model_untouched(tokenizer):

@@ -23,7 +23,7 @@ import torch
 
 from immunize.data import looks_like_refusal
 from immunize.errors import ImmunizeError
-from immunize.judges import check_pairs, judge_entries, load_judge, parse_options
+from immunize.judges import check_pairs, examples, judge_entries, load_judge, parse_options
 from immunize.judges.encoders import (
     EmbeddingCache,
     TextEncoder,
@@ -320,9 +320,25 @@ def trained_root(tmp_path_factory, data_root, hashing_encoder):
     from immunize.commands.judge import main
 
     out = tmp_path_factory.mktemp("trained") / "judges"
-    assert main(["train", "--encoder", "test-hashing", "--data-root", str(data_root),
-                 "--output-dir", str(out), "--folds", "2"]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        # All of the tiny BeaverTails file, so that every kind of example shows up.
+        patch.setattr(examples, "HARMFULNESS_QA_SHARE", 1.0)
+        assert main(["train", "--encoder", "test-hashing", "--data-root", str(data_root),
+                     "--output-dir", str(out), "--folds", "2"]) == 0
     return out
+
+
+def test_harmfulness_examples_keep_a_hash_chosen_share_of_beavertails_prompts(data_root, monkeypatch):
+    def beavertails_prompts(share):
+        monkeypatch.setattr(examples, "HARMFULNESS_QA_SHARE", share)
+        return [ex.prompt for ex in examples.harmfulness_examples(data_root, folds=2).examples
+                if ex.source.startswith("beavertails:")]
+
+    everything, half = beavertails_prompts(1.0), beavertails_prompts(0.5)
+    assert set(half) < set(everything) and half
+    # Whole prompts are kept or dropped, with every answer to them, by a hash of the prompt.
+    assert sorted(half) == sorted(p for p in everything if examples.stable_unit(p, "harmfulness-qa") < 0.5)
+    assert beavertails_prompts(0.5) == half
 
 
 def test_train_writes_judges_with_model_cards(trained_root, data_root, capsys):

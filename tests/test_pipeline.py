@@ -127,3 +127,10 @@ def test_recipe_rejects_unknown_held_out_category_before_running(tmp_path, tiny_
     with pytest.raises(ImmunizeError, match=r"^--held_out_categories: unknown BeaverTails categories \['self-harm'\]"):
         recipe(tmp_path, tiny_checkpoint, held_out_categories=["self-harm"])
     assert not (tmp_path / "run").exists()
+
+
+def test_recipe_rejects_a_non_positive_lens_size(tmp_path, tiny_checkpoint):
+    from immunize.errors import ImmunizeError
+
+    with pytest.raises(ImmunizeError, match=r"^--analysis_lens_tokens: must be positive, got 0$"):
+        recipe(tmp_path, tiny_checkpoint, analysis_lens_tokens=0)

@@ -40,6 +40,12 @@ TOXICITY_FILES = ("decodingtrust/toxic_prompts.jsonl", "decodingtrust/nontoxic_p
                   "decodingtrust/training_dataset.jsonl")
 EMPTY_ANSWERS = ("", " ", "\n", "...")
 TRUNCATE_WORDS = 60
+# The harmfulness judge trains on the BeaverTails prompts whose hash falls in this share (with every
+# answer to them and their synthetic non-answers). Embedding the long BeaverTails answers was most of
+# a cold judge build, which the README's first run pays for; with half of them (~5k harmful answers)
+# the cross-validated AUROC is 0.970 instead of 0.976 (accuracy 92.2% instead of 93.6%), built in
+# 169 s instead of 378 s on 2 cores (together with the encoder's cut at 64 word pieces).
+HARMFULNESS_QA_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -139,11 +145,12 @@ def harmfulness_examples(root: str | Path | None = None, *, folds: int = 5) -> E
     refusal, a templated refusal that names the prompt's topic (see ``topical_refusals``), an
     unrelated benign answer (off-topic), an empty answer. Each harmful prompt gets one of the four,
     chosen by its hash (30% / 30% / 27% / 13%). XSTest partial refusals of unsafe prompts are left
-    out: they refuse and comply at once, so neither label is right.
+    out: they refuse and comply at once, so neither label is right. BeaverTails enters through the
+    ``HARMFULNESS_QA_SHARE`` of its prompts picked by hash.
     """
     root = data_root(root)
     examples: list[Example] = []
-    qa = load_qa(root=root)
+    qa = [row for row in load_qa(root=root) if stable_unit(row.prompt, "harmfulness-qa") < HARMFULNESS_QA_SHARE]
     for row in qa:
         examples.append(Example(row.prompt, row.response, 0.0 if row.is_safe else 1.0,
                                 "beavertails:safe" if row.is_safe else "beavertails:unsafe", row.prompt))

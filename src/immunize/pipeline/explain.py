@@ -65,7 +65,9 @@ def depth_analysis(models: dict[str, str], cfg, defences: list[str]) -> dict[str
     # Before/after the defence (and after the attack) on axes fitted to the aligned model.
     pca = representation_pca({label: loaded[label] for label in labels}, harmful, harmless, layers,
                              cfg.prompt_format, max_length=cfg.max_length)
-    lens = {label: logit_lens(model, tok, harmful, cfg.prompt_format, max_length=cfg.max_length)
+    lens = {label: logit_lens(model, tok, harmful, cfg.prompt_format, max_length=cfg.max_length,
+                              answer_tokens=cfg.analysis_lens_tokens)
             for label, (model, tok) in loaded.items()}
     return {"weight_distance": distances, "pca": pca, "logit_lens": lens,
-            "data": {"harmful": len(harmful), "harmless": len(harmless), "source": "held-out split / AlpacaEval"}}
+            "data": {"harmful": len(harmful), "harmless": len(harmless), "source": "held-out split / AlpacaEval",
+                     "lens_answer_tokens": cfg.analysis_lens_tokens}}

@@ -74,6 +74,8 @@ class RunConfig:
     analysis: bool = field(default=True, metadata={"help": "weight distance, representation PCA, logit lens"})
     analysis_examples: int = field(default=32, metadata={"help": "harmful/harmless examples for PCA and lens"})
     analysis_layers: list[int] = field(default_factory=list, metadata={"help": "PCA layers (default: 4 spread)"})
+    analysis_lens_tokens: int = field(default=32, metadata={
+        "help": "logit lens: opening answer tokens read out per example (its cost grows with them)"})
 
     # Verdict thresholds (see immunize.verdict for their meaning and defaults).
     phi: float | None = field(default=None, metadata={"help": "harmfulness threshold φ for resistance"})
@@ -92,6 +94,9 @@ class RunConfig:
                 raise ImmunizeError(f"--{name}: give at least one value")
         if any(n <= 0 for n in self.attack_num_samples):
             raise ImmunizeError("--attack_num_samples: values must be positive")
+        for name in ("analysis_examples", "analysis_lens_tokens"):
+            if getattr(self, name) < 1:
+                raise ImmunizeError(f"--{name}: must be positive, got {getattr(self, name)}")
         from immunize.data.beavertails import CATEGORIES
 
         if unknown := [name for name in self.held_out_categories if name not in CATEGORIES]:

@@ -230,6 +230,7 @@ class Experiment:
         models = {"aligned" if d == "none" else d: path for d, path in defended.items()}
         models.update({f"{d}@{last}": attacked[d][last]["path"] for d in defended})
         key = {m: self.models_key[m] for m in models} | {"n": c.analysis_examples, "layers": c.analysis_layers,
+                                                        "lens_tokens": c.analysis_lens_tokens,
                                                         **self._common()}
         stage = Stage("analysis", "depth", key, weight=1.0)
 

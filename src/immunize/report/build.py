@@ -484,10 +484,13 @@ def _logit_lens(results: dict, sink: FigureSink) -> str:
     fig = figures.logit_lens_plot(results)
     if fig is None:
         return not_run("no logit-lens analysis in results.json")
+    data = (results.get("analysis") or {}).get("data") or {}
+    tokens = data.get("lens_answer_tokens")
+    which = f"each of the first {tokens} tokens" if tokens else "each token"
     return sink.add("logit_lens", fig, "Logit lens: probability of harmful answer tokens per layer",
-                    "Mean probability of each next harmful-answer token when a layer's hidden state is read "
-                    "out through the model's final norm and LM head. RepNoise aims to keep it low at every "
-                    "layer, so that an attack has nothing to recover.")
+                    f"Mean probability of {which} of held-out harmful answers when a layer's hidden state is "
+                    "read out through the model's final norm and LM head. RepNoise aims to keep it low at "
+                    "every layer, so that an attack has nothing to recover.")
 
 
 def _depth(results: dict, sink: FigureSink) -> str:
