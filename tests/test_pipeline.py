@@ -134,3 +134,18 @@ def test_recipe_rejects_a_non_positive_lens_size(tmp_path, tiny_checkpoint):
 
     with pytest.raises(ImmunizeError, match=r"^--analysis_lens_tokens: must be positive, got 0$"):
         recipe(tmp_path, tiny_checkpoint, analysis_lens_tokens=0)
+
+
+def test_trainability_budget_reads_like_an_attack_budget_in_the_report():
+    from immunize.pipeline.run import trainability_cells
+    from immunize.report.build import budget_label
+
+    metric = {"value": 0.3, "ci95": [0.2, 0.4], "n": 12}
+    doc = {"metrics": {"viggo_rouge1": metric, "viggo_rouge2": metric, "viggo_rougeL": metric},
+           "config": {"trainability_tasks": "viggo", "trainability_steps": 4, "trainability_batch_size": 8,
+                      "trainability_learning_rate": 5e-05, "trainability_max_length": 128, "seed": 42}}
+    cells = trainability_cells({"none": {"trainability": doc}, "repnoise": {"trainability": doc}})
+    assert cells["task"] == "viggo" and set(cells["cells"]) == {"none", "repnoise"}
+    assert cells["budget"] == {"attack": "sft", "learning_rate": 5e-05, "num_samples": 32, "steps": 4,
+                               "batch_size": 8}
+    assert budget_label(cells["budget"]) == "SFT · lr 5e-5 · 32 samples · 4 steps"

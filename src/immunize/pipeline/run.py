@@ -401,8 +401,16 @@ def trainability_cells(pre: dict) -> dict[str, Any]:
             continue
         cells[name] = {r: {"value": metrics[f"{task}_{r}"]["value"], "ci": metrics[f"{task}_{r}"].get("ci95")}
                        for r in ("rouge1", "rouge2", "rougeL") if f"{task}_{r}" in metrics}
-        budget = {k: v for k, v in (doc.get("config") or {}).items() if k.startswith("trainability_")}
+        budget = trainability_budget(doc.get("config") or {})
     return {"task": task, "budget": budget, "cells": cells} if cells else {}
+
+
+def trainability_budget(config: dict[str, Any]) -> dict[str, Any]:
+    """The benign fine-tune's budget in the attack budgets' terms (schema: Budget-like)."""
+    steps, batch = config.get("trainability_steps"), config.get("trainability_batch_size")
+    budget = {"attack": "sft", "learning_rate": config.get("trainability_learning_rate"),
+              "num_samples": steps * batch if steps and batch else None, "steps": steps, "batch_size": batch}
+    return {k: v for k, v in budget.items() if v is not None}
 
 
 def samples(pre: dict, post: dict, budgets: list[dict], per_model: int = 3) -> list[dict]:
