@@ -87,28 +87,77 @@ def test_run_end_to_end_then_cached(tmp_path, tiny_checkpoint, fake_judges, isol
     assert json.loads((tmp_path / "run" / "results.json").read_text())["budgets"][0]["learning_rate"] == 2e-3
 
 
-def test_run_trains_missing_trainable_judges_once(tmp_path, tiny_checkpoint, isolated_cache, monkeypatch):
+def test_run_trains_missing_trainable_judges_once(tmp_path, tiny_checkpoint, isolated_cache, fixed_encoder,
+                                                 monkeypatch):
     """A fresh machine has no trained judges: the run trains the ones it uses, then keys on them."""
     from immunize.judges import training
-    from immunize.judges.trained import judge_dir, trained_state
+    from immunize.judges.trained import trained_state
     from immunize.pipeline.run import Experiment
 
     calls = []
-
-    def fake_train(names, **kwargs):
-        calls.append(list(names))
-        for name in names:
-            judge_dir(name).mkdir(parents=True, exist_ok=True)
-            (judge_dir(name) / "head.safetensors").write_bytes(name.encode())
-            (judge_dir(name) / "head.json").write_text("{}")
-        return {}
-
-    monkeypatch.setattr(training, "train_judges", fake_train)
+    monkeypatch.setattr(training, "train_judges", fake_trainer(calls))
     experiment = Experiment(recipe(tmp_path, tiny_checkpoint))
     state = experiment.judges()
     assert calls == [["harmfulness", "refusal", "toxicity"]]
     assert state == trained_state() and all(state.values())
     assert experiment.judges() == state and len(calls) == 1  # trained once
+
+
+class FixedEncoder:
+    """Stands in for the judges' encoder: only its identity matters to the staleness check."""
+
+    name = "test-fixed"
+    identity = "fixed-v1"
+
+    def __init__(self, **_):
+        pass
+
+
+@pytest.fixture
+def fixed_encoder():
+    from immunize.judges.encoders import register_encoder, unregister_encoder
+
+    register_encoder(FixedEncoder.name, FixedEncoder)
+    yield FixedEncoder
+    unregister_encoder(FixedEncoder.name)
+
+
+def fake_trainer(calls: list, identity: str = FixedEncoder.identity):
+    """``train_judges`` stand-in that writes head files whose meta names ``identity``."""
+    from immunize.judges.trained import FORMAT_VERSION, judge_dir
+
+    def train(names, **kwargs):
+        calls.append(list(names))
+        for name in names:
+            judge_dir(name).mkdir(parents=True, exist_ok=True)
+            (judge_dir(name) / "head.safetensors").write_bytes(f"{name} {identity}".encode())
+            (judge_dir(name) / "head.json").write_text(json.dumps({
+                "format_version": FORMAT_VERSION, "encoder": {"name": FixedEncoder.name, "identity": identity}}))
+        return {}
+
+    return train
+
+
+def test_run_retrains_judges_trained_on_another_encoder(tmp_path, tiny_checkpoint, isolated_cache, fixed_encoder,
+                                                        monkeypatch):
+    """After an upgrade that changes the encoder, old heads are retrained up front, not found broken later."""
+    from immunize.judges import training
+    from immunize.judges.trained import judge_dir, outdated, trained_state
+    from immunize.pipeline.run import Experiment
+
+    calls = []
+    fake_trainer(calls, identity="fixed-v0")(["harmfulness", "toxicity"])
+    fake_trainer(calls)(["refusal"])
+    assert outdated("harmfulness") == "trained on encoder fixed-v0, the current one is fixed-v1"
+    assert outdated("refusal") is None
+    before = trained_state()
+    monkeypatch.setattr(training, "train_judges", fake_trainer(calls))
+    state = Experiment(recipe(tmp_path, tiny_checkpoint)).judges()
+    assert calls[-1] == ["harmfulness", "toxicity"]
+    assert state["refusal"] == before["refusal"] and state["harmfulness"] != before["harmfulness"]
+    assert outdated("harmfulness") is None and outdated("toxicity") is None
+    (judge_dir("refusal") / "head.json").write_text("{}")
+    assert outdated("refusal") == "format version None is not 1"
 
 
 def test_run_leaves_registered_non_trainable_judges_alone(tmp_path, tiny_checkpoint, fake_judges, isolated_cache,

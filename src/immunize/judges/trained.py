@@ -93,6 +93,29 @@ def trained_state(root: str | Path | None = None) -> dict[str, str | None]:
     return state
 
 
+def outdated(name: str, root: str | Path | None = None) -> str | None:
+    """Why the trained judge ``name`` can no longer be loaded, or None (it can, or it is not trained).
+
+    A head is only valid on the encoder it was trained on; after an upgrade that changes the
+    encoder's identity (or the file format), the run retrains it up front instead of failing at its
+    first evaluation.
+    """
+    meta_path = judge_dir(name, root) / META_FILE
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = read_json(meta_path)
+        if meta.get("format_version") != FORMAT_VERSION:
+            return f"format version {meta.get('format_version')} is not {FORMAT_VERSION}"
+        wanted = meta["encoder"]
+        current = make_encoder(wanted["name"]).identity
+    except (ImmunizeError, AttributeError, KeyError, TypeError, ValueError) as err:
+        return f"cannot check {meta_path} ({err})"
+    if current != wanted["identity"]:
+        return f"trained on encoder {wanted['identity']}, the current one is {current}"
+    return None
+
+
 class TrainedJudge(Judge):
     """A head trained by `immunize judge train`, on top of the encoder it was trained with."""
 

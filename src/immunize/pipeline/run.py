@@ -92,7 +92,7 @@ class Experiment:
         retraining the judges recomputes their scores instead of reusing the old heads' ones.
         """
         from immunize.judges import judge_entries
-        from immunize.judges.trained import judges_dir, trained_state
+        from immunize.judges.trained import judges_dir, outdated, trained_state
         from immunize.judges.training import train_judges
 
         config = self._eval_config("", PRE_ATTACK_SECTIONS)
@@ -101,8 +101,14 @@ class Experiment:
         state = trained_state()
         missing = [name for name in state if name in used & trainable and state[name] is None]
         if missing:
-            self.progress.line(f"judges {', '.join(missing)}: not trained on this machine yet; training them "
-                               f"once into {judges_dir()} (about 4 minutes on 2 CPU cores)")
+            self.progress.line(f"judges {', '.join(missing)}: not trained on this machine yet")
+        for name in state:
+            if name in used & trainable and state[name] is not None and (why := outdated(name)):
+                self.progress.line(f"judge {name}: {why}")
+                missing.append(name)
+        if missing:
+            self.progress.line(f"training {', '.join(missing)} once into {judges_dir()} "
+                               "(about 4 minutes on 2 CPU cores)")
             start = time.perf_counter()
             train_judges(missing, data_root_dir=self.cfg.data_root,
                          progress=lambda text: self.progress.line(f"  {text}"))
