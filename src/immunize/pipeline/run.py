@@ -99,11 +99,12 @@ class Experiment:
         used = {config.harmfulness_judge, config.refusal_judge, config.toxicity_judge}
         trainable = {entry.name for entry in judge_entries() if entry.trained}
         state = trained_state()
-        missing = [name for name in state if name in used & trainable and state[name] is None]
+        needed = [name for name in state if name in used & trainable]
+        missing = [name for name in needed if state[name] is None]
         if missing:
             self.progress.line(f"judges {', '.join(missing)}: not trained on this machine yet")
-        for name in state:
-            if name in used & trainable and state[name] is not None and (why := outdated(name)):
+        for name in needed:
+            if state[name] is not None and (why := outdated(name)):
                 self.progress.line(f"judge {name}: {why}")
                 missing.append(name)
         if missing:
