@@ -251,6 +251,7 @@ def test_continuation_labels_cover_only_the_continuation():
 
 # --- every attack trains -------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("real_data_root")  # the attack data comes from the default data root
 @pytest.mark.parametrize("name, lora", [("sft", False), ("sft", True), ("dpo", False), ("dpo", True),
                                         ("toxicity", False)])
 def test_every_attack_runs_and_moves_the_weights(name, lora, tiny_checkpoint, tmp_path):
@@ -396,6 +397,7 @@ class ResumeProbe(TrainerCallback):
         self.started_at = state.global_step
 
 
+@pytest.mark.usefixtures("real_data_root")
 def test_interrupted_runs_resume_and_finished_runs_are_skipped(tiny_checkpoint, tmp_path):
     cfg = attack_config("sft", tiny_checkpoint, tmp_path, max_steps=4, save_steps=2, curve_every_steps=1)
     with pytest.raises(KeyboardInterrupt):

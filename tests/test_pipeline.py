@@ -46,6 +46,7 @@ def recipe(tmp_path, tiny_checkpoint, **overrides):
     return RunConfig(**options)
 
 
+@pytest.mark.usefixtures("real_data_root")  # every stage reads the default data root
 def test_run_end_to_end_then_cached(tmp_path, tiny_checkpoint, fake_judges, isolated_cache):
     from immunize.pipeline.run import Experiment
     from immunize.report.schema import load_results
