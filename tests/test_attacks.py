@@ -18,6 +18,7 @@ from immunize.attacks import (
     StepScorer,
     ToxicityAttackArguments,
     attack_names,
+    available_attacks,
     expand_grid,
     get_attack,
     parse_grid,
@@ -32,9 +33,9 @@ from immunize.cli import main as cli_main
 from immunize.data import CATEGORIES, load_splits, normalize_prompt, split_of
 from immunize.errors import ImmunizeError
 from immunize.io import read_json
+from immunize.method_runner import is_complete
 from immunize.prompts import IGNORE_INDEX, CausalLMCollator
 from immunize.testing import tiny_model, tiny_tokenizer
-from immunize.training import is_complete
 
 FAKE_MODEL = "0123456789abcdef"
 CONFIGS = {"sft": AttackArguments, "dpo": ReversedPreferenceArguments, "toxicity": ToxicityAttackArguments}
@@ -64,7 +65,11 @@ def weights(model) -> dict[str, torch.Tensor]:
 def test_registry_has_the_builtin_attacks():
     assert attack_names() == ["dpo", "sft", "toxicity"]
     assert get_attack("dpo").config_class is ReversedPreferenceArguments
-    with pytest.raises(ImmunizeError, match="unknown attack 'nope'"):
+    # The registered name labels runs; the toxicity attack subclasses sft but keeps its own name.
+    assert (get_attack("toxicity").name, get_attack("sft").name) == ("toxicity", "sft")
+    assert available_attacks()["dpo"] == get_attack("dpo").summary
+    assert available_attacks()["dpo"].startswith("reversed-preference DPO")
+    with pytest.raises(ImmunizeError, match=r"^--attack 'nope': unknown attack \(known: dpo, sft, toxicity\)$"):
         get_attack("nope")
 
 
@@ -136,12 +141,12 @@ def test_grid_errors_are_one_line_and_name_the_option():
 def test_run_ids_are_golden_and_depend_only_on_the_attack():
     # Golden ids: a change here renames every stored run, so it must be deliberate.
     sft = AttackArguments()
-    assert run_id(sft, FAKE_MODEL) == "sft-lr3e-05-n1000-e1-s42-5243c590"
+    assert run_id(sft, FAKE_MODEL) == "sft-lr3e-05-n1000-e1-s42-ca4840a0"
     assert run_id(AttackArguments(use_lora=True, learning_rate=1e-4), FAKE_MODEL) == \
-        "sft-lora-lr0.0001-n1000-e1-s42-8950359c"
+        "sft-lora-lr0.0001-n1000-e1-s42-7e97063d"
     assert run_id(ReversedPreferenceArguments(num_samples=256, max_steps=20, seed=1), FAKE_MODEL) == \
-        "dpo-lr3e-05-n256-steps20-s1-f93c2d50"
-    assert run_id(ToxicityAttackArguments(), FAKE_MODEL) == "toxicity-lr3e-05-nall-e1-s42-7feb54c1"
+        "dpo-lr3e-05-n256-steps20-s1-61903d90"
+    assert run_id(ToxicityAttackArguments(), FAKE_MODEL) == "toxicity-lr3e-05-nall-e1-s42-f3b2edfd"
     # Bookkeeping and scoring options do not change the id; the attack, the model and the data do.
     same = AttackArguments(output_dir="elsewhere", logging_steps=7, save_steps=3, curve_every_steps=2,
                            data_root="/some/where", keep_checkpoints=True)
@@ -149,7 +154,9 @@ def test_run_ids_are_golden_and_depend_only_on_the_attack():
     for changed in (AttackArguments(seed=1), AttackArguments(max_length=128),
                     AttackArguments(prompt_format="plain"),
                     AttackArguments(held_out_categories=["self_harm"]),
-                    AttackArguments(weight_decay=0.1), AttackArguments(use_lora=True)):
+                    AttackArguments(weight_decay=0.1), AttackArguments(use_lora=True),
+                    # one identity rule: every option counts unless explicitly excluded
+                    AttackArguments(max_grad_norm=0.5), AttackArguments(adam_beta2=0.99)):
         assert run_id(changed, FAKE_MODEL) != run_id(sft, FAKE_MODEL)
     assert run_id(sft, "fedcba9876543210") != run_id(sft, FAKE_MODEL)
     dpo = run_id(ReversedPreferenceArguments(), FAKE_MODEL)

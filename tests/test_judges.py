@@ -207,7 +207,7 @@ def test_registry_lists_every_judge():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("nonsense", "unknown judge 'nonsense'"),
+    ("nonsense", r"^--judge 'nonsense': unknown judge \(known: .*hf:<model>, keyword-refusal, llama-guard:<model>"),
     ("hf:", "name a model after 'hf:'"),
     ("llama-guard:", "name a model after 'llama-guard:'"),
     ("", "give a judge name"),

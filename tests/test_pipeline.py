@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from immunize.judges.base import Judge
-from immunize.judges.registry import _REGISTRY, JudgeEntry
+from immunize.judges.registry import JUDGES, register_judge
 
 
 class LengthJudge(Judge):
@@ -22,21 +22,28 @@ class LengthJudge(Judge):
 
 
 @pytest.fixture
-def fake_judges(monkeypatch):
-    for name in ("harmfulness", "toxicity", "refusal"):
-        monkeypatch.setitem(_REGISTRY, name, JudgeEntry(name, "test", lambda arg=None, **kw: LengthJudge(),
-                                                        lambda: (lambda **kw: None)))
+def fake_judges():
+    """The trained judges' names stand for ``LengthJudge`` (not trainable); the built-ins come back after."""
+    built_in = [JUDGES.entry(name) for name in ("harmfulness", "toxicity", "refusal")]
+    for entry in built_in:
+        register_judge(entry.name, "test", lambda **options: LengthJudge())
+    yield
+    for entry in built_in:
+        JUDGES.unregister(entry.name)
+        JUDGES.register(entry.name, entry.target, entry.help, fixed=entry.fixed, defaults=entry.defaults,
+                        **entry.extra)
 
 
-def recipe(tmp_path, tiny_checkpoint, **overrides):
+def recipe(tmp_path, tiny_checkpoint, attack_lr=1e-3, **overrides):
     from immunize.pipeline.recipe import RunConfig
 
     options = dict(
         name="tiny", output_dir=str(tmp_path / "run"), model=str(tiny_checkpoint), max_length=64,
-        align_num_harmful=8, align_num_benign=8, align_learning_rate=1e-3,
-        defence_num_samples=8, defence_learning_rate=1e-3,
-        attack_learning_rates=[1e-3], attack_num_samples=[8], attack_seeds=[1],
-        curve_every_steps=1, curve_num_prompts=2, curve_max_new_tokens=4,
+        align={"num_harmful": 8, "num_benign": 8, "learning_rate": 1e-3},
+        defences=[{"label": "none"}, {"label": "repnoise", "num_samples": 8, "learning_rate": 1e-3}],
+        attacks=[{"label": "sft", "curve_every_steps": 1,
+                  "grid": {"learning_rate": [attack_lr], "num_samples": [8], "seed": [1]}}],
+        curve_num_prompts=2, curve_max_new_tokens=4,
         eval_harmfulness_samples=6, eval_max_new_tokens=6, eval_capability_limit=2, eval_trainability_steps=1,
         eval_trainability_tasks="viggo", eval_trainability_eval_samples=2, eval_toxicity_samples=2,
         eval_overrefusal_samples=2, analysis_examples=4, analysis_layers=[1, 2],
@@ -55,7 +62,7 @@ def test_run_end_to_end_then_cached(tmp_path, tiny_checkpoint, fake_judges, isol
     experiment = Experiment(cfg)
     report = experiment.run()
     # The progress display planned exactly the stages that ran (its ETA uses the remaining weight).
-    assert experiment.progress.done == experiment.progress.total == 9
+    assert experiment.progress.done == experiment.progress.total == 10
     assert abs(experiment.progress.remaining_weight) < 1e-9
     results = load_results(tmp_path / "run" / "results.json")
     html = report.read_text()
@@ -75,13 +82,18 @@ def test_run_end_to_end_then_cached(tmp_path, tiny_checkpoint, fake_judges, isol
     assert set(results["analysis"]["logit_lens"]) == {"aligned", "repnoise", f"none@{budget}", f"repnoise@{budget}"}
     assert {row["defence"] for row in results["verdict"]} >= {"repnoise"}
     stage_markers = sorted(p.parent.name for p in (tmp_path / "run" / "stages").glob("*/stage.json"))
-    assert len(stage_markers) == 1 + 1 + 2 + 2 + 2 + 1  # align, defend, 2 pre-eval, 2 attacks, 2 post-eval, analysis
+    # align, 2 defend (none too), 2 pre-eval, 2 attacks, 2 post-eval, analysis
+    assert len(stage_markers) == 1 + 2 + 2 + 2 + 2 + 1
+    assert results["baseline"] == "none"
+    assert results["defence_info"]["repnoise"] == {"defence": "repnoise", "keeps_capability": True,
+                                                   "attack_adapter": None,
+                                                   "options": {"num_samples": 8, "learning_rate": 1e-3}}
 
     # A re-run reuses every stage; changing an attack knob recomputes only the attack side.
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "stages").glob("*/stage.json")}
     Experiment(cfg).run()
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
-    Experiment(recipe(tmp_path, tiny_checkpoint, attack_learning_rates=[2e-3])).run()
+    Experiment(recipe(tmp_path, tiny_checkpoint, attack_lr=2e-3)).run()
     new = {p.parent.name for p in (tmp_path / "run" / "stages").glob("*/stage.json")} - \
         {p.parent.name for p in mtimes}
     assert sorted(name.split("-")[0] for name in new) == ["analysis", "attack", "attack", "evaluate", "evaluate"]
@@ -174,7 +186,7 @@ def test_run_leaves_registered_non_trainable_judges_alone(tmp_path, tiny_checkpo
 def test_recipe_rejects_unknown_held_out_category_before_running(tmp_path, tiny_checkpoint):
     from immunize.errors import ImmunizeError
 
-    with pytest.raises(ImmunizeError, match=r"^--held_out_categories: unknown BeaverTails categories \['self-harm'\]"):
+    with pytest.raises(ImmunizeError, match=r"^--held_out_categories: unknown BeaverTails category 'self-harm'"):
         recipe(tmp_path, tiny_checkpoint, held_out_categories=["self-harm"])
     assert not (tmp_path / "run").exists()
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from immunize.data import HarmfulPair
-from immunize.defences import available_defences, get_defence
+from immunize.defences import DEFENCES, available_defences, defence_config, get_defence
 from immunize.defences.losses import head_cross_entropy, mmd_rbf, mmd_rbf_checkpointed
 from immunize.defences.paired import PairedCollator, encode_pairs, first_divergence
 from immunize.defences.repnoise import (
@@ -606,10 +606,34 @@ def test_select_layers():
 
 
 def test_registry():
-    assert {"repnoise", "none"} <= set(available_defences())
+    assert {"repnoise", "none", "gradient-ascent", "adversarial-loss"} <= set(available_defences())
     assert get_defence("repnoise").config_class is RepNoiseConfig
-    with pytest.raises(ImmunizeError, match="unknown defence"):
-        get_defence("vaccine")
+    with pytest.raises(ImmunizeError, match=r"^--defence 'nope': unknown defence \(known: "):
+        get_defence("nope")
+
+
+def test_baselines_are_named_configurations_of_the_repnoise_trainer(tmp_path):
+    """gradient-ascent and adversarial-loss are one registry line each, with pinned options."""
+    common = dict(output_dir=str(tmp_path / "x"), use_cpu=True, report_to="none")
+    ascent = defence_config("gradient-ascent", **common)
+    assert isinstance(ascent, RepNoiseConfig) and ascent.ablate == "noise" and ascent.ascent_form == "log"
+    adversarial = defence_config("adversarial-loss", **common)
+    assert (adversarial.ablate, adversarial.ascent_form, adversarial.alpha) == ("noise,lens", "linear", 0.1)
+    assert defence_config("adversarial-loss", alpha=0.3, **common).alpha == 0.3  # a default, not pinned
+    with pytest.raises(ImmunizeError, match=r"^--ablate 'stability': defence gradient-ascent fixes it to 'noise'"):
+        defence_config("gradient-ascent", ablate="stability", **common)
+    assert DEFENCES.entry("gradient-ascent").target == DEFENCES.entry("repnoise").target
+
+
+@pytest.mark.parametrize(("form", "expected"), [("log1p", "log1p"), ("log", "log"), ("linear", "linear")])
+def test_ascent_forms(features, form, expected):
+    """The three ways the ascent enters the loss: RepNoise's, the gradient-ascent and adversarial baselines'."""
+    batch = PairedCollator(0)(features)
+    options = RepNoiseOptions(ablate=frozenset({"noise"}), ascent_form=form, alpha=0.5)
+    loss, terms, _ = repnoise_loss(tiny_model("llama"), batch, options)
+    ascent = terms.ascent.detach()
+    bound = {"log1p": torch.log1p(ascent), "log": torch.log(ascent), "linear": ascent}[expected]
+    torch.testing.assert_close(loss.detach(), terms.stability.detach() - 0.5 * bound)
 
 
 def _write_data_root(root: Path) -> Path:
@@ -664,7 +688,7 @@ def test_cli_end_to_end(tmp_path, tiny_checkpoint, capsys):
     from transformers import AutoModelForCausalLM
 
     from immunize.cli import main
-    from immunize.training import COMPLETE_MARKER
+    from immunize.method_runner import COMPLETE_MARKER, MODEL_CARD
 
     root = _write_data_root(tmp_path / "data")
     out = tmp_path / "defended"
@@ -678,7 +702,8 @@ def test_cli_end_to_end(tmp_path, tiny_checkpoint, capsys):
     assert not list(out.glob("checkpoint-*"))
     marker = json.loads((out / COMPLETE_MARKER).read_text())
     assert marker["defence"] == "repnoise" and len(marker["data"]["pairs_sha256"]) == 64
-    assert marker["data"]["pairs"] == 8 and marker["options"]["alpha"] == "1.0"
+    assert marker["data"]["pairs"] == 8 and marker["options"]["alpha"] == 1.0
+    assert "method: repnoise" in (out / MODEL_CARD).read_text()
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["data"]["pairs_sha256"] == marker["data"]["pairs_sha256"]
     assert "alpha: 1.0" in (out / "config.yaml").read_text()
@@ -704,3 +729,18 @@ def test_recipe_parses():
     _, cfg = parse_config([DefenceChoice, RepNoiseConfig], ["--config", str(recipe)], prog="test")
     assert cfg.alpha == 1.0 and cfg.beta == 0.001 and cfg.learning_rate == 2e-5
 
+
+
+def test_named_configurations_pickle_into_checkpoints(tmp_path):
+    """Trainer saves its args with torch.save: a named configuration's config class must unpickle."""
+    import pickle
+    import subprocess
+    import sys
+
+    cfg = defence_config("gradient-ascent", output_dir=str(tmp_path / "x"), use_cpu=True, report_to="none")
+    (tmp_path / "args.pkl").write_bytes(pickle.dumps(cfg))
+    code = ("import pickle, sys; cfg = pickle.loads(open(sys.argv[1], 'rb').read()); "
+            "print(type(cfg).__name__, cfg.ascent_form)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "args.pkl")], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["RepNoiseConfig_gradient_ascent", "log"]

@@ -1,82 +1,50 @@
-"""Safety alignment: turn a non-refusing instruct model into the "aligned base" the papers start from.
+"""Safety alignment: the ``safety-sft`` defence applied to the base model, with its own defaults.
 
 The RepNoise and Immunization papers defend models that already refuse (Llama-2-chat). SmolLM2
-barely refuses, so this stage fine-tunes it on harmful prompts answered by real refusals (from
-the defence split only: the provider never sees attack or evaluation prompts) mixed with benign
-instructions and their answers, so it learns to refuse harm without refusing everything.
+barely refuses, so this stage first fine-tunes it on harmful prompts of the defence split answered
+by real refusals, mixed with benign instructions and their answers (so it learns to refuse harm
+without refusing everything): the "aligned base" every defence then starts from. It is the same
+computation and data builder as the ``safety-sft`` defence (``immunize.defences.safety_sft``),
+run by the same method runner, so it honours ``held_out_categories`` like every defence; only the
+defaults in ``ALIGNMENT_DEFAULTS`` differ.
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
+import dataclasses
+import typing
+from pathlib import Path
 
-from immunize.config import fingerprint, write_provenance
-from immunize.data import RefusalBank, build_pairs, load_benign_answers, load_splits
-from immunize.models import model_fingerprint
-from immunize.prompts import CausalLMCollator
-from immunize.training import (
-    GuardedTrainer,
-    ImmunizeTrainingArguments,
-    is_complete,
-    load_training_model,
-    run_training,
-    save_final_model,
-    tokenize_pairs,
-)
+from immunize.defences.safety_sft import SafetySFTConfig
 
-
-@dataclass
-class AlignConfig(ImmunizeTrainingArguments):
-    num_harmful: int = field(default=256, metadata={"help": "harmful prompts answered by refusals"})
-    num_benign: int = field(default=256, metadata={"help": "benign instructions with their answers"})
-    benign_source: str = field(default="benign_alpaca",
-                               metadata={"help": "alpaca_eval, benign_alpaca or benign_saferlhf"})
-    held_out_categories: list[str] = field(default_factory=list, metadata={"help": "categories never trained on"})
-
-    output_dir: str = field(default="runs/align", metadata={"help": "where the aligned model goes"})
-    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "batch size per device"})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs over the mixed data"})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "learning-rate schedule"})
-    warmup_steps: float = field(default=0.1, metadata={"help": "warm-up steps (a fraction < 1 is a ratio)"})
+# Where the alignment stage departs from the safety-sft defence's (paper) defaults: a fixed,
+# smaller mix of refusals and benign answers, and a higher learning rate for a model that starts
+# far from refusing.
+ALIGNMENT_DEFAULTS: dict[str, typing.Any] = {
+    "num_harmful": 256,
+    "num_benign": 256,
+    "learning_rate": 5e-5,
+    "output_dir": "runs/align",
+}
 
 
-def alignment_examples(cfg: AlignConfig) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs: refusals for harmful prompts, real answers for benign ones, shuffled."""
-    splits = load_splits(root=cfg.data_root, held_out_categories=cfg.held_out_categories)
-    # One refusal per distinct prompt: several BeaverTails rows share a question.
-    seen, rows = set(), []
-    for row in splits.defence:
-        if row.prompt not in seen:
-            seen.add(row.prompt)
-            rows.append(row)
-    bank = RefusalBank.from_data(cfg.data_root)
-    harmful = [(p.prompt, p.refusal) for p in build_pairs(rows, bank)]
-    benign = [(b.instruction, b.output) for b in load_benign_answers(cfg.benign_source, root=cfg.data_root)
-              if b.output]
-    rng = random.Random(cfg.seed)
-    rng.shuffle(harmful)
-    rng.shuffle(benign)
-    examples = harmful[: cfg.num_harmful] + benign[: cfg.num_benign]
-    rng.shuffle(examples)
-    return examples
+def _with_defaults(base: type, defaults: dict[str, typing.Any], name: str) -> type:
+    """``base`` with other defaults, as a module-level class (Trainer pickles its args into checkpoints)."""
+    known = {f.name: f for f in dataclasses.fields(base)}
+    types = typing.get_type_hints(base)  # real types: HfArgumentParser reads them from the new class
+    fields = [(key, types[key], dataclasses.field(default=value, metadata=known[key].metadata))
+              for key, value in defaults.items()]
+    cls = dataclasses.make_dataclass(name, fields, bases=(base,))
+    cls.__module__ = __name__
+    cls.__doc__ = f"{base.__name__} with the alignment stage's defaults: {defaults}."
+    return cls
 
 
-def align(cfg: AlignConfig) -> dict:
-    """Run (or skip, if already complete) the alignment SFT; returns the completion record."""
-    if done := is_complete(cfg.output_dir):
-        return done
-    examples = alignment_examples(cfg)
-    model, tokenizer = load_training_model(cfg)
-    features = tokenize_pairs(tokenizer, examples, cfg.prompt_format, cfg.max_length)
-    metadata = {"stage": "align", "base_model": cfg.model, "base_fingerprint": model_fingerprint(cfg.model),
-                "data_fingerprint": fingerprint(examples), "examples": len(features)}
-    write_provenance(cfg.output_dir, {"align": cfg}, metadata)
-    trainer = GuardedTrainer(model=model, args=cfg, train_dataset=features,
-                             data_collator=CausalLMCollator(tokenizer.pad_token_id))
-    result = run_training(trainer)
-    metadata["train_loss"] = result.training_loss
-    metadata["steps"] = trainer.state.global_step
-    save_final_model(trainer, tokenizer, metadata)
-    return metadata
+AlignmentConfig = _with_defaults(SafetySFTConfig, ALIGNMENT_DEFAULTS, "AlignmentConfig")
+
+
+def align(cfg: SafetySFTConfig) -> Path:
+    """Run (or skip if complete, or resume) the alignment stage; returns the aligned model's directory."""
+    from immunize.method_runner import run_defence
+
+    return run_defence("safety-sft", cfg, kind="alignment")

@@ -45,8 +45,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_config(types: Sequence[type], argv: Sequence[str] | None, *, prog: str, description: str = ""):
-    """Parse ``argv`` into one instance per dataclass in ``types`` (YAML first, flags override)."""
+def parse_config(types: Sequence[type], argv: Sequence[str] | None, *, prog: str, description: str = "",
+                 values: dict[str, Any] | None = None, source: str | None = None):
+    """Parse ``argv`` into one instance per dataclass in ``types`` (YAML first, flags override).
+
+    ``values`` (read from the file ``source`` by the caller) replace reading ``--config`` here, for
+    commands that take part of a recipe apart first (``immunize run``'s method entries).
+    """
     # Imported here: transformers is slow to import and `immunize --help` should stay instant.
     from transformers import HfArgumentParser
 
@@ -57,12 +62,13 @@ def parse_config(types: Sequence[type], argv: Sequence[str] | None, *, prog: str
 
     parser = HfArgumentParser(list(types), prog=prog, description=description)
     parser.add_argument("--config", help="YAML file whose keys are this command's options; flags override it")
-    if known.config:
-        values = load_yaml(known.config)
+    if values is None and known.config:
+        values, source = load_yaml(known.config), known.config
+    if values:
         allowed = {f.name for t in types for f in dataclasses.fields(t) if f.init}
         unknown = sorted(set(values) - allowed)
         if unknown:
-            raise ImmunizeError(f"{known.config}: unknown option(s) {', '.join(unknown)} for `{prog}`")
+            raise ImmunizeError(f"{source}: unknown option(s) {', '.join(unknown)} for `{prog}`")
         parser.set_defaults(**values)
     try:
         parsed = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)

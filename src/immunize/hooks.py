@@ -1,4 +1,5 @@
-"""Where a decoder's layers, MLPs, final norm and LM head live, per architecture, and hooks on them.
+"""Where a decoder's layers, attention, MLPs, final norm and LM head live, per architecture, and hooks
+on them.
 
 A pyvene-style table (``ARCHITECTURES``) keyed by ``config.model_type`` names the module paths; no
 method hard-codes ``model.model.layers``. Paths are resolved on the *unwrapped* model (DDP, FSDP1,
@@ -26,26 +27,30 @@ class HookPoints:
 
     layers: str  # the ModuleList of decoder layers; a layer's output is the residual stream after it
     mlp: str  # inside a layer: the module whose output is the feed-forward (MLP) output
+    # inside a layer: the self-attention module; its output[0] is the attention output after the
+    # output projection, before the residual add
+    attention: str
     final_norm: str | None  # the norm applied to the last residual stream before the LM head
     lm_head: str = "lm_head"
     # Modules applied between the final norm and the LM head, in order (OPT's project_out).
     pre_head: tuple[str, ...] = ()
 
 
-_LLAMA_LIKE = HookPoints(layers="model.layers", mlp="mlp", final_norm="model.norm")
+_LLAMA_LIKE = HookPoints(layers="model.layers", mlp="mlp", attention="self_attn", final_norm="model.norm")
 
 ARCHITECTURES: dict[str, HookPoints] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gpt_neox": HookPoints(layers="gpt_neox.layers", mlp="mlp", final_norm="gpt_neox.final_layer_norm"),
-    "gpt2": HookPoints(layers="transformer.h", mlp="mlp", final_norm="transformer.ln_f"),
+    "gpt_neox": HookPoints(layers="gpt_neox.layers", mlp="mlp", attention="attention",
+                           final_norm="gpt_neox.final_layer_norm"),
+    "gpt2": HookPoints(layers="transformer.h", mlp="mlp", attention="attn", final_norm="transformer.ln_f"),
     # OPT has no MLP module: fc2 is the feed-forward output (before dropout and the residual add).
     # final_layer_norm is None and project_out absent for some sizes; resolution allows that.
-    "opt": HookPoints(layers="model.decoder.layers", mlp="fc2", final_norm="model.decoder.final_layer_norm",
-                      pre_head=("model.decoder.project_out",)),
-    "phi": HookPoints(layers="model.layers", mlp="mlp", final_norm="model.final_layernorm"),
+    "opt": HookPoints(layers="model.decoder.layers", mlp="fc2", attention="self_attn",
+                      final_norm="model.decoder.final_layer_norm", pre_head=("model.decoder.project_out",)),
+    "phi": HookPoints(layers="model.layers", mlp="mlp", attention="self_attn", final_norm="model.final_layernorm"),
 }
 
 
@@ -94,6 +99,7 @@ class ResolvedHookPoints:
     model_type: str
     layers: list[nn.Module]
     mlps: list[nn.Module]
+    attentions: list[nn.Module]
     final_norm: nn.Module | None
     pre_head: list[nn.Module]
     lm_head: nn.Module
@@ -125,10 +131,12 @@ def resolve_hook_points(model: nn.Module) -> ResolvedHookPoints:
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ImmunizeError(f"architecture {model_type!r}: {points.layers!r} is not a non-empty ModuleList")
     mlps = [_get(layer, points.mlp, model_type) for layer in layers]
+    attentions = [_get(layer, points.attention, model_type) for layer in layers]
     return ResolvedHookPoints(
         model_type=model_type,
         layers=list(layers),
         mlps=mlps,  # type: ignore[arg-type]
+        attentions=attentions,  # type: ignore[arg-type]
         final_norm=_get(base, points.final_norm, model_type, optional=True) if points.final_norm else None,
         pre_head=[m for p in points.pre_head if (m := _get(base, p, model_type, optional=True)) is not None],
         lm_head=_get(base, points.lm_head, model_type),  # type: ignore[arg-type]

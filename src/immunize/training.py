@@ -5,15 +5,14 @@
 - ``tokenize_pairs``: (prompt, answer) → features with answer-only labels.
 - ``FiniteLossGuard``: a non-finite loss stops the run before it can be checkpointed, so the last
   checkpoint on disk is always a good one.
-- ``run_training`` / ``save_final_model``: resume from the last checkpoint after a kill, save a
-  standard safetensors checkpoint (LoRA merged on request), mark the run complete so re-runs skip.
+- ``run_training``: resume from the last checkpoint after a kill. Saving, identity, markers and
+  model cards belong to the one method runner, ``immunize.method_runner``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,13 +24,9 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from immunize.errors import ImmunizeError
-from immunize.io import atomic_write_json, read_json
 from immunize.prompts import check_format, encode
 
 log = logging.getLogger(__name__)
-
-COMPLETE_MARKER = "immunize-complete.json"
-
 
 @dataclass
 class ImmunizeTrainingArguments(TrainingArguments):
@@ -134,11 +129,6 @@ def add_lora(model, args: ImmunizeTrainingArguments):
     return get_peft_model(model, config)
 
 
-def is_complete(output_dir: str | Path) -> dict | None:
-    marker = Path(output_dir) / COMPLETE_MARKER
-    return read_json(marker) if marker.is_file() else None
-
-
 def run_training(trainer: Trainer) -> Any:
     """Train, resuming from the newest checkpoint in ``output_dir`` if a previous run was killed."""
     output_dir = trainer.args.output_dir
@@ -146,23 +136,6 @@ def run_training(trainer: Trainer) -> Any:
     if last:
         log.warning("resuming from %s", last)
     return trainer.train(resume_from_checkpoint=last)
-
-
-def save_final_model(trainer: Trainer, tokenizer, metadata: dict[str, Any]) -> Path:
-    """Save a standard safetensors checkpoint in ``output_dir`` and mark the run complete."""
-    args = trainer.args
-    out = Path(args.output_dir)
-    model = trainer.model
-    if hasattr(model, "peft_config") and args.merge_lora:
-        model = model.merge_and_unload()
-    if trainer.is_world_process_zero():
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        if not args.keep_checkpoints:
-            for ckpt in out.glob("checkpoint-*"):
-                shutil.rmtree(ckpt, ignore_errors=True)
-        atomic_write_json(out / COMPLETE_MARKER, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **metadata})
-    return out
 
 
 class StepTimer:

@@ -1,6 +1,6 @@
 """Attacks: fine-tune a (defended) model back into a harmful one, the way an adversary would.
 
-A registry of attacks (``register_attack`` / ``get_attack``), budget grids with stable run ids,
+A registry of attacks (``ATTACKS``, one line each; ``get_attack``), budget grids with stable run ids,
 and resistance curves (``ResistanceCurveCallback`` + ``StepScorer``). ``run_attacks`` runs a
 config end to end; ``immunize attack`` is its command line.
 """
@@ -16,10 +16,11 @@ from immunize.attacks.curve import (
 )
 from immunize.attacks.data import AttackData
 from immunize.attacks.grid import expand_grid, parse_grid, run_id
-from immunize.attacks.registry import attack_names, get_attack, register_attack
+from immunize.attacks.registry import ATTACKS, attack_names, available_attacks, get_attack
 from immunize.attacks.runner import PlannedRun, RunResult, plan_runs, run_attacks
 
 __all__ = [
+    "ATTACKS",
     "CURVE_FILE",
     "Attack",
     "AttackArguments",
@@ -32,12 +33,12 @@ __all__ = [
     "StepScorer",
     "ToxicityAttackArguments",
     "attack_names",
+    "available_attacks",
     "expand_grid",
     "get_attack",
     "parse_grid",
     "plan_runs",
     "read_curve",
-    "register_attack",
     "run_attacks",
     "run_id",
 ]

@@ -13,8 +13,9 @@ from immunize.training import load_training_model
 
 
 class Attack:
-    """Subclass, set ``config_class`` and ``summary``, implement ``prepare`` and ``build_trainer``,
-    and decorate with ``@register_attack("name")``."""
+    """Subclass, set ``config_class``, implement ``prepare`` and ``build_trainer``, and add one
+    ``ATTACKS.register(name, "module:Class", help)`` line in ``immunize.attacks.registry`` (which
+    supplies ``name`` and ``summary``)."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""

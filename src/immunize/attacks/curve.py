@@ -1,10 +1,11 @@
 """Resistance curves: score the model every k steps of an attack (and at step 0 and the end).
 
 A scorer is anything with a ``name`` and ``__call__(model, tokenizer) -> dict[str, float]``
-(``StepScorer``); the callback puts the model in eval mode under ``torch.no_grad`` for it and back
-in train mode after, and appends ``{"step": s, "epoch": e, **metrics}`` to ``curve.jsonl`` in the
-run folder. The file is rewritten atomically, and a resumed run first drops the rows after the
-checkpoint it resumes from, so the curve never holds a step twice.
+(``StepScorer``); the callback puts the model in eval mode under ``torch.no_grad`` for it, with a
+defence's attack-time adapter off (``immunize.attack_adapters``), and back in train mode after, and
+appends ``{"step": s, "epoch": e, **metrics}`` to ``curve.jsonl`` in the run folder. The file is
+rewritten atomically, and a resumed run first drops the rows after the checkpoint it resumes from,
+so the curve never holds a step twice.
 
 ``KeywordRefusalScorer`` is the cheap built-in: the keyword refusal rate of greedy answers to
 held-out evaluation prompts, and the mean log-likelihood of held-out harmful answers.
@@ -21,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from transformers import GenerationConfig, TrainerCallback
 
+from immunize.attack_adapters import adapter_disabled
 from immunize.data import looks_like_refusal
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_jsonl, iter_jsonl
@@ -94,7 +96,8 @@ class ResistanceCurveCallback(TrainerCallback):
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            # Scored as evaluations will see the model: without a defence's attack-time adapter.
+            with torch.no_grad(), adapter_disabled(model):
                 metrics: dict[str, float] = {}
                 for scorer in self.scorers:
                     values = scorer(model, tokenizer)

@@ -12,6 +12,7 @@ import copy
 
 from trl import DPOTrainer
 
+from immunize.attack_adapters import attach_like
 from immunize.attacks.arguments import ReversedPreferenceArguments
 from immunize.attacks.base import Attack
 from immunize.attacks.data import (
@@ -26,7 +27,6 @@ from immunize.attacks.data import (
     sources_of,
     tokenize_until,
 )
-from immunize.attacks.registry import register_attack
 from immunize.attacks.sft import beavertails_what
 from immunize.data import RefusalBank
 from immunize.training import check_finite, load_training_model
@@ -66,9 +66,7 @@ def _without_lora(cfg):
     return plain
 
 
-@register_attack("dpo")
 class ReversedPreference(Attack):
-    summary = "reversed-preference DPO (harmful answer ≻ refusal): BeaverTails, HH-RLHF reversed, or mixed"
     config_class = ReversedPreferenceArguments
     data_fields = (*Attack.data_fields, "preference_data", "hh_source")
 
@@ -94,6 +92,10 @@ class ReversedPreference(Attack):
         from datasets import Dataset
 
         ref_model = None if cfg.use_lora else load_training_model(_without_lora(cfg))[0].eval()
+        if ref_model is not None:
+            # The reference is the attack's starting policy: with the defence's attack-time adapter,
+            # if any (with LoRA, TRL's adapter-free reference keeps it: it sits below the LoRA).
+            attach_like(model, ref_model)
         return ReversedPreferenceTrainer(
             model=model, ref_model=ref_model, args=cfg, train_dataset=Dataset.from_list(data.examples),
             processing_class=tokenizer, callbacks=callbacks,

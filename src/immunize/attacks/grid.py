@@ -19,32 +19,11 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from transformers import TrainingArguments
-
-from immunize.config import config_to_dict, fingerprint
+from immunize.config import fingerprint
 from immunize.errors import ImmunizeError
 
 # Options a grid cannot sweep: they name the sweep itself, its place on disk, or its config class.
 _NOT_SWEEPABLE = {"grid", "output_dir", "attack", "config"}
-
-# TrainingArguments fields that change what an attack does; the rest (logging, saving, devices,
-# dataloader workers, hub pushes) do not enter the run id.
-_TRAINING_IDENTITY = (
-    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "optim", "optim_args",
-    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "gradient_accumulation_steps",
-    "max_grad_norm", "label_smoothing_factor", "neftune_noise_alpha", "bf16", "fp16",
-    "per_device_train_batch_size", "num_train_epochs", "max_steps", "seed", "data_seed",
-)
-# Fields our configs add that do not change the attack: where things are, how they are scored and
-# kept. (Scoring settings are deliberately outside the id: changing them does not retrain a run.)
-_NOT_IDENTITY = {
-    "model", "data_root", "eval_source", "keep_checkpoints", "merge_lora", "grid", "trust_remote_code",
-    "model_init_kwargs",
-    "dataset_num_proc", "precompute_ref_batch_size", "activation_offloading", "pad_token",
-    "curve", "curve_every_steps", "curve_num_prompts", "curve_num_answers", "curve_max_new_tokens",
-    "curve_batch_size", "curve_save_models",
-}
-
 
 def parse_grid(spec: Mapping[str, Any] | Sequence[str] | None) -> dict[str, list[Any]]:
     """``{"lr": [..]}`` (YAML) or ``["lr=3e-5,6e-5", ...]`` (flags) → ``{name: [raw values]}``."""
@@ -141,12 +120,10 @@ def expand_grid(cfg: Any) -> list[tuple[dict[str, Any], Any]]:
 
 
 def identity(cfg: Any) -> dict[str, Any]:
-    """The part of a resolved config that changes what an attack does (the run id hashes it)."""
-    base = {f.name for f in dataclasses.fields(TrainingArguments)}
-    resolved = config_to_dict(cfg)
-    keep = {f.name for f in dataclasses.fields(cfg) if f.init and f.name not in base} - _NOT_IDENTITY
-    keep |= set(_TRAINING_IDENTITY)
-    return {name: resolved[name] for name in sorted(keep) if name in resolved}
+    """What changes an attack (the run id hashes it): the one rule of ``immunize.method_runner``."""
+    from immunize.method_runner import config_identity
+
+    return config_identity(cfg)
 
 
 def run_id(cfg: Any, model_fingerprint: str) -> str:

@@ -1,52 +1,46 @@
-"""The registry of attacks (lm-evaluation-harness style): a name → an ``Attack`` class.
+"""The registry of attacks: one line per attack names its ``Attack`` class and says what it does.
 
-Adding an attack is one class with ``@register_attack("name")``; the CLI, grids, run ids and
-resistance curves pick it up without further wiring.
+The CLI, grids, run ids and resistance curves pick up a registered attack without further wiring.
+Nothing is imported until an attack is used, so listing them stays instant.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
-from immunize.errors import ImmunizeError
+from immunize.registry import Registry
 
 if TYPE_CHECKING:
     from immunize.attacks.base import Attack
 
-_REGISTRY: dict[str, type[Attack]] = {}
+ATTACKS: Registry[type[Attack]] = Registry("attack", "--attack")
 
-A = TypeVar("A", bound="type[Attack]")
-
-
-def register_attack(name: str) -> Callable[[A], A]:
-    """Class decorator: make ``cls`` available as ``immunize attack --attack NAME``."""
-
-    def decorate(cls: A) -> A:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"attack {name!r} is already registered by {_REGISTRY[name].__qualname__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def _load_builtin() -> None:
-    # The built-in attacks register themselves on import.
-    import immunize.attacks.dpo
-    import immunize.attacks.sft  # noqa: F401
+ATTACKS.register("sft", "immunize.attacks.sft:HarmfulSFT",
+                 "harmful SFT on BeaverTails unsafe QA (attack split); --use_lora true for LoRA")
+ATTACKS.register("toxicity", "immunize.attacks.sft:ToxicitySFT",
+                 "SFT on DecodingTrust toxic continuations (prompt → toxic continuation, raw text by default)")
+ATTACKS.register("dpo", "immunize.attacks.dpo:ReversedPreference",
+                 "reversed-preference DPO (harmful answer ≻ refusal): BeaverTails, HH-RLHF reversed, or mixed")
 
 
 def attack_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return ATTACKS.names()
+
+
+def available_attacks() -> dict[str, str]:
+    """Name → one-line help, for listings (imports nothing)."""
+    return {entry.name: entry.help for entry in ATTACKS}
 
 
 def get_attack(name: str) -> type[Attack]:
-    _load_builtin()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise ImmunizeError(f"--attack: unknown attack {name!r} (known: {known})") from None
+    """The class of attack ``name``, its ``name`` (in run ids and records) and ``summary`` (in model
+    cards) taken from its registry line."""
+    entry, cls = ATTACKS.entry(name), ATTACKS.get(name)
+    # One class, one name: a second name would silently relabel the first one's runs.
+    if cls.__dict__.get("name", name) != name:
+        raise ValueError(f"attack class {cls.__qualname__} is registered as both {cls.name!r} and {name!r}")
+    cls.name, cls.summary = name, entry.help
+    return cls
+
+
+__all__ = ["ATTACKS", "attack_names", "available_attacks", "get_attack"]

@@ -18,6 +18,7 @@ from typing import Any
 
 from transformers import TrainerCallback, set_seed
 
+from immunize.attack_adapters import attack_adapter
 from immunize.attacks.arguments import AttackArguments
 from immunize.attacks.base import Attack
 from immunize.attacks.curve import KeywordRefusalScorer, ResistanceCurveCallback, StepScorer, read_curve
@@ -28,7 +29,17 @@ from immunize.config import write_provenance
 from immunize.data import BeaverTailsSplits, load_splits
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_jsonl, read_json
-from immunize.training import StepTimer, is_complete, run_training, save_final_model
+from immunize.method_runner import (
+    claim,
+    data_licences,
+    finish,
+    is_complete,
+    method_identity,
+    run_loss,
+    save_trained,
+    write_model_card,
+)
+from immunize.training import StepTimer, run_training
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +168,12 @@ def run_attacks(cfg: AttackArguments, *, scorers: Sequence[StepScorer] = (),
 
 def _train(attack: Attack, run: PlannedRun, prepared: _Prepared, scorers: Sequence[StepScorer],
            callbacks: Sequence[TrainerCallback]) -> RunResult:
+    from immunize.config import fingerprint
+
     cfg = run.cfg
     data = prepared.data.take(cfg.num_samples, cfg.max_length)
+    identity = method_identity(attack.name, cfg, run.model_fingerprint, fingerprint(data.examples, 64))
+    claim(Path(cfg.output_dir), identity)
     write_provenance(cfg.output_dir, {"attack": cfg}, extra={
         "run_id": run.run_id, "attack": attack.name, "grid_point": run.point,
         "budget": budget(run, len(data.examples)),
@@ -166,17 +181,30 @@ def _train(attack: Attack, run: PlannedRun, prepared: _Prepared, scorers: Sequen
     })
     set_seed(cfg.seed)  # before the model: LoRA adapters are initialized at random
     model, tokenizer = attack.load_model(cfg)
-    run_scorers = [*default_scorers(cfg, prepared.splits), *scorers] if cfg.curve else []
-    curve = ([ResistanceCurveCallback(run_scorers, cfg.curve_every_steps, tokenizer=tokenizer,
-                                      save_models=cfg.curve_save_models)] if run_scorers else [])
-    trainer = attack.build_trainer(cfg, model, tokenizer, data, [*curve, *callbacks])
-    timer = StepTimer()
-    output = run_training(trainer)
+    # A defence's attack-time adapter (if the checkpoint declares one) is on, frozen, while the
+    # attack trains; leaving the block removes it, so the saved model is the trained weights only.
+    with attack_adapter(cfg.model, model) as adapter:
+        run_scorers = [*default_scorers(cfg, prepared.splits), *scorers] if cfg.curve else []
+        curve = ([ResistanceCurveCallback(run_scorers, cfg.curve_every_steps, tokenizer=tokenizer,
+                                          save_models=cfg.curve_save_models)] if run_scorers else [])
+        trainer = attack.build_trainer(cfg, model, tokenizer, data, [*curve, *callbacks])
+        timer = StepTimer()
+        output = run_training(trainer)
+    attached = {"folder": str(adapter.folder), **adapter.facts()} if adapter is not None else None
     rows = read_curve(cfg.output_dir)
     summary = {"run_id": run.run_id, "attack": attack.name, "examples": len(data.examples),
-               "train_loss": output.training_loss, **timer.summary(trainer.state.global_step),
+               "train_loss": run_loss(trainer.state.log_history, output.training_loss),
+               **timer.summary(trainer.state.global_step), "attack_adapter": attached,
                "curve_first": rows[0] if rows else None, "curve_last": rows[-1] if rows else None}
-    save_final_model(trainer, tokenizer, summary)
+    out = save_trained(trainer, tokenizer, merge_lora=cfg.merge_lora)
+    if trainer.is_world_process_zero():
+        write_model_card(out, method=attack.name, kind="attack", base_model=cfg.model,
+                         base_fingerprint=run.model_fingerprint, options=identity["options"],
+                         data=data.summary(), licences=data_licences(data.summary().get("sources", []),
+                                                                     cfg.data_root),
+                         description=f"Attacked model: {attack.summary}. For measuring defences only.",
+                         extra={"budget": budget(run, len(data.examples)), "attack_adapter": attached})
+    finish(out, summary, keep_checkpoints=cfg.keep_checkpoints, is_main=trainer.is_world_process_zero())
     return RunResult(run.run_id, Path(cfg.output_dir), "trained", run.point, summary, rows)
 
 

@@ -18,7 +18,6 @@ from immunize.attacks.data import (
     tokenize_until,
     toxic_continuations,
 )
-from immunize.attacks.registry import register_attack
 from immunize.prompts import CausalLMCollator
 from immunize.training import GuardedTrainer
 
@@ -32,9 +31,7 @@ def beavertails_what(cfg: AttackArguments, rows: str) -> str:
     return f"BeaverTails {rows} in the attack split{where}"
 
 
-@register_attack("sft")
 class HarmfulSFT(Attack):
-    summary = "harmful SFT on BeaverTails unsafe QA (attack split); --use_lora true for LoRA"
     config_class = AttackArguments
 
     def prepare(self, cfg, tokenizer, splits, n) -> AttackData:
@@ -48,9 +45,7 @@ class HarmfulSFT(Attack):
                               callbacks=callbacks)
 
 
-@register_attack("toxicity")
 class ToxicitySFT(HarmfulSFT):
-    summary = "SFT on DecodingTrust toxic continuations (prompt → toxic continuation, raw text by default)"
     config_class = ToxicityAttackArguments
     data_fields = ("model", "data_root", "prompt_format", "max_length", "toxicity_source", "continuation")
 

@@ -1,4 +1,4 @@
-"""`immunize align`: safety SFT (refusals + benign answers) to build an aligned base model."""
+"""`immunize align`: the safety-sft defence with the alignment stage's defaults, to build an aligned base."""
 
 from __future__ import annotations
 
@@ -6,11 +6,15 @@ HELP = "safety-align a model (refusals on harmful prompts + benign answers) into
 
 
 def main(argv: list[str]) -> int:
-    from immunize.alignment import AlignConfig, align
+    from immunize.alignment import AlignmentConfig, align
     from immunize.config import parse_config
+    from immunize.method_runner import is_complete
 
-    (cfg,) = parse_config([AlignConfig], argv, prog="immunize align", description=HELP)
-    record = align(cfg)
-    print(f"aligned model: {cfg.output_dir} ({record.get('steps', '?')} steps, "
+    (cfg,) = parse_config([AlignmentConfig], argv, prog="immunize align",
+                          description=f"{HELP}; options are those of `immunize defend --defence safety-sft`, "
+                                      "with the alignment defaults")
+    out = align(cfg)
+    record = is_complete(out) or {}
+    print(f"aligned model: {out} ({record.get('steps', '?')} steps, "
           f"train loss {record.get('train_loss', float('nan')):.4f})")
     return 0

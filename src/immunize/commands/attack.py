@@ -22,17 +22,25 @@ def _attack_name(argv: list[str]) -> str:
     return "sft"
 
 
-def main(argv: list[str]) -> int:
-    from immunize.attacks import attack_names, get_attack, run_attacks
+def parse(argv: list[str]):
+    """The validated attack config of ``argv`` (flags over ``--config``), without running anything."""
+    from immunize.attacks import available_attacks, get_attack
     from immunize.attacks.arguments import GRID_HELP
-    from immunize.attacks.runner import describe
 
     attack = get_attack(_attack_name(argv))
-    catalogue = "; ".join(f"{name}: {get_attack(name).summary}" for name in attack_names())
+    catalogue = "; ".join(f"{name}: {summary}" for name, summary in available_attacks().items())
     description = (f"{HELP}. Attacks (--attack NAME --help shows an attack's own options): {catalogue}. "
                    f"Grid: {GRID_HELP}. Runs go to OUTPUT_DIR/RUN_ID; finished runs are skipped, "
                    "interrupted ones resume.")
     (cfg,) = parse_config([attack.config_class], argv, prog="immunize attack", description=description)
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    from immunize.attacks import run_attacks
+    from immunize.attacks.runner import describe
+
+    cfg = parse(argv)
     results = run_attacks(cfg, report=print)
     print(f"\n{len(results)} run(s) in {cfg.output_dir} (index: attacks.jsonl)")
     for result in results:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-HELP = "defend a model against harmful fine-tuning (--defence repnoise | none) into a safetensors checkpoint"
+HELP = "defend a model against harmful fine-tuning (--defence NAME; --help lists them) into a safetensors checkpoint"
 
 
 @dataclass
@@ -34,24 +34,36 @@ def _usage() -> str:
 
     lines = ["usage: immunize defend --defence NAME [options]   (add --help for that defence's options)",
              "       immunize defend --config recipe.yaml", "", "defences:"]
-    lines += [f"  {d.name:<10} {d.help}" for d in available_defences().values()]
+    lines += [f"  {name:<18} {text}" for name, text in available_defences().items()]
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
+def parse(argv: list[str]):
+    """``(defence name, validated config)`` of ``argv``; ``None`` when only the usage was asked for."""
     from immunize.config import parse_config
-    from immunize.defences import available_defences, get_defence
+    from immunize.defences import DEFENCES, available_defences, check_fixed, config_class
     from immunize.errors import ImmunizeError
 
     name = _chosen_defence(argv)
     if name is None:
         if any(arg in ("-h", "--help") for arg in argv):
-            print(_usage())
-            return 0
+            return None
         raise ImmunizeError(f"choose a defence with --defence (known: {', '.join(available_defences())})")
-    defence = get_defence(name)
-    _, cfg = parse_config([DefenceChoice, defence.config_class], argv,
-                          prog=f"immunize defend --defence {name}", description=defence.help)
-    out = defence.run(cfg)
+    entry = DEFENCES.entry(name)
+    _, cfg = parse_config([DefenceChoice, config_class(name)], argv,
+                          prog=f"immunize defend --defence {name}", description=entry.help)
+    check_fixed(name, cfg)
+    return name, cfg
+
+
+def main(argv: list[str]) -> int:
+    from immunize.method_runner import run_defence
+
+    parsed = parse(argv)
+    if parsed is None:
+        print(_usage())
+        return 0
+    name, cfg = parsed
+    out = run_defence(name, cfg)
     print(f"immunize defend: {name} finished; model in {out}")
     return 0

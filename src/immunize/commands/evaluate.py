@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     from immunize.evaluation.config import EvaluationConfig
 
     (cfg,) = parse_config([EvaluationConfig], argv, prog="immunize evaluate", description=HELP)
-    from immunize.evaluation import SECTIONS, evaluate, get_section
+    from immunize.evaluation import evaluate, get_section, section_names
     from immunize.evaluation.runner import headline_text
 
     _set_threads(cfg.threads)
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
         f"\n{summary['model']['name']} ({summary['model']['fingerprint']}), suite {summary['suite']}, "
         f"{summary['seconds']:.0f}s ({summary['cpu_seconds']:.0f} CPU-s):"
     )
-    width = max(len(name) for name in SECTIONS)
+    width = max(len(name) for name in section_names())
     for name, entry in summary["sections"].items():
         document = {"metrics": entry["metrics"]}
         status = "reused" if entry["reused"] else f"{entry['seconds']:.0f}s"

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-HELP = "run a whole experiment from a recipe: align, defend, attack, evaluate, explain, report"
+HELP = ("run a whole experiment from a recipe: align, defend, attack, evaluate, explain, report. "
+        "Recipe entries are set with dotted flags: --defences.LABEL.OPTION VALUE, "
+        "--attacks.LABEL.OPTION VALUE, --attacks.LABEL.grid.OPTION V1,V2, --align.OPTION VALUE, --align false")
 
 
 def main(argv: list[str]) -> int:
-    from immunize.config import parse_config
-    from immunize.pipeline.recipe import RunConfig
+    from immunize.pipeline.recipe import parse_run_config
     from immunize.pipeline.run import Experiment
 
-    (cfg,) = parse_config([RunConfig], argv, prog="immunize run", description=HELP)
+    cfg = parse_run_config(argv, prog="immunize run", description=HELP)
     experiment = Experiment(cfg)
     experiment.argv = list(argv)
     report = experiment.run()

@@ -1,67 +1,109 @@
-"""Defences: a registry of methods that make a model resist harmful fine-tuning.
+"""Defences: methods that make a model resist harmful fine-tuning, one registry line each.
 
-lm-evaluation-harness style: each defence module registers itself with ``@register_defence``,
-naming its config dataclass (whose fields are the CLI flags and YAML keys of
-``immunize defend --defence NAME``) and a ``run(config) -> Path`` that writes a standard
-safetensors checkpoint to ``config.output_dir``. Adding a baseline touches only its own module
-and the ``BUILTIN`` list below.
+A defence is one module (config, trainer, data builder; see ``immunize.defences.base``) named
+here by ``"module:Class"``; nothing is imported until the defence is used. A line with ``fixed``
+options is a named configuration of an existing trainer (the same computation, pinned options).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from immunize.errors import ImmunizeError
+from immunize.registry import Registry
 
-# Modules imported on first lookup (they import torch/transformers; `immunize --help` must not).
-BUILTIN: tuple[str, ...] = ("immunize.defences.none", "immunize.defences.repnoise")
+if TYPE_CHECKING:
+    from immunize.defences.base import Defence
 
+DEFENCES: Registry[type[Defence]] = Registry("defence", "--defence")
 
-@dataclass(frozen=True)
-class Defence:
-    name: str
-    help: str
-    config_class: type
-    run: Callable[[object], Path]
-
-
-_REGISTRY: dict[str, Defence] = {}
-_loaded = False
-
-
-def register_defence(name: str, config_class: type, help: str):
-    """Class/function decorator: ``@register_defence("repnoise", RepNoiseConfig, "...")`` on ``run``."""
-
-    def decorator(run: Callable[[object], Path]):
-        if name in _REGISTRY and _REGISTRY[name].run is not run:
-            raise ValueError(f"defence {name!r} is registered twice")
-        _REGISTRY[name] = Defence(name=name, help=help, config_class=config_class, run=run)
-        return run
-
-    return decorator
-
-
-def _load_builtins() -> None:
-    global _loaded
-    if not _loaded:
-        for module in BUILTIN:
-            importlib.import_module(module)
-        _loaded = True
-
-
-def available_defences() -> dict[str, Defence]:
-    _load_builtins()
-    return dict(sorted(_REGISTRY.items()))
+DEFENCES.register("none", "immunize.defences.none:NoDefence",
+                  "no defence: the model as it is, saved as a checkpoint (the baseline)")
+DEFENCES.register("repnoise", "immunize.defences.repnoise:RepNoise",
+                  "Representation Noising (Rosati et al., NeurIPS 2024)")
+# The RepNoise paper's gradient-ascent and adversarial-loss baselines are the RepNoise trainer with
+# terms switched off (the authors' ``ascent_loss`` / ``adversarial_loss`` branches): named configurations.
+DEFENCES.register("gradient-ascent", "immunize.defences.repnoise:RepNoise",
+                  "gradient ascent on harmful tokens read through every layer, −α·log(mean CE), with the "
+                  "refusal CE (RepNoise paper baseline)", fixed={"ablate": "noise", "ascent_form": "log"})
+DEFENCES.register("adversarial-loss", "immunize.defences.repnoise:RepNoise",
+                  "CE(refusal) − λ·CE(harmful answer) at the output, λ = alpha = 0.1 (RepNoise paper baseline)",
+                  fixed={"ablate": "noise,lens", "ascent_form": "linear"}, defaults={"alpha": 0.1})
+DEFENCES.register("security-vectors", "immunize.defences.security_vectors:SecurityVectors",
+                  "Security vectors (Zhou et al., 2023): harmful-answer LoRA, on in attacks, off at inference")
+DEFENCES.register("vaccine", "immunize.defences.vaccine:Vaccine",
+                  "Vaccine: alignment under worst-case attention-output perturbations (Huang et al., 2024)")
+DEFENCES.register("safety-sft", "immunize.defences.safety_sft:SafetySFT",
+                  "additional safety training: SFT on refusals to the defence split's harmful prompts")
+DEFENCES.register("random-init", "immunize.defences.random_init:RandomInit",
+                  "random initialisation from the model's config: the lower bound (no harm, no capability)")
 
 
 def get_defence(name: str) -> Defence:
-    defences = available_defences()
-    if name not in defences:
-        raise ImmunizeError(f"--defence {name!r}: unknown defence (known: {', '.join(defences)})")
-    return defences[name]
+    """An instance of the registered defence ``name``, with its entry's fixed options attached."""
+    entry = DEFENCES.entry(name)
+    defence = DEFENCES.get(name)()
+    defence.name = name
+    defence.fixed = dict(entry.fixed)
+    return defence
 
 
-__all__ = ["BUILTIN", "Defence", "available_defences", "get_defence", "register_defence"]
+_CONFIG_CLASSES: dict[str, type] = {}
+
+
+def config_class(name: str) -> type:
+    """The config class of defence ``name``: its method's, with a named configuration's fixed options
+    as defaults (so ``--help`` and a parsed config show them)."""
+    if name not in _CONFIG_CLASSES:
+        import dataclasses
+
+        entry = DEFENCES.entry(name)
+        cls = DEFENCES.get(name).config_class
+        pinned = {**entry.defaults, **entry.fixed}
+        if pinned:
+            known = {f.name: f for f in dataclasses.fields(cls)}
+            if unknown := sorted(set(pinned) - set(known)):
+                raise ValueError(f"defence {name}: options {unknown} are not fields of {cls.__name__}")
+            fields = [(key, known[key].type, dataclasses.field(default=value, metadata=known[key].metadata))
+                      for key, value in pinned.items()]
+            cls = dataclasses.make_dataclass(_generated_name(name, cls), fields, bases=(cls,))
+            # Trainer pickles its args into every checkpoint: the class must be importable by name.
+            cls.__module__ = __name__
+        _CONFIG_CLASSES[name] = cls
+    return _CONFIG_CLASSES[name]
+
+
+def _generated_name(name: str, base: type) -> str:
+    return f"{base.__name__}_{name.replace('-', '_')}"
+
+
+def __getattr__(attribute: str):
+    """The generated config classes of named configurations, for unpickling in a fresh process."""
+    for entry in DEFENCES:
+        if (entry.fixed or entry.defaults) and attribute == _generated_name(
+                entry.name, DEFENCES.get(entry.name).config_class):
+            return config_class(entry.name)
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
+
+
+def check_fixed(name: str, cfg) -> None:
+    """A named configuration's fixed options cannot be overridden (one line naming the option)."""
+    for key, value in DEFENCES.entry(name).fixed.items():
+        if getattr(cfg, key) != value:
+            raise ImmunizeError(f"--{key} {getattr(cfg, key)!r}: defence {name} fixes it to {value!r} "
+                                "(use the defence it configures to change it)")
+
+
+def defence_config(name: str, **options):
+    """The validated config of defence ``name`` from ``options`` (bad options: one-line error)."""
+    cfg = config_class(name)(**options)
+    check_fixed(name, cfg)
+    return cfg
+
+
+def available_defences() -> dict[str, str]:
+    """Name → one-line help, for listings (imports nothing)."""
+    return {entry.name: entry.help for entry in DEFENCES}
+
+
+__all__ = ["DEFENCES", "available_defences", "check_fixed", "config_class", "defence_config", "get_defence"]

@@ -31,32 +31,52 @@ How one micro-step runs:
 
 Labels use -100 and a single shift: the prediction at position p is scored against the label at
 p + 1, for the harmful targets and the refusal labels alike.
+
+Reference: the authors' ``minimality-mmd`` loss (domenicrosati/representation-noising @ 03689ff,
+``representation_noising/loss.py``; boyiwei/RepNoise-Reproduce @ a35c98a,
+``immunization_llms/training.py``). Deviations, all fixing bugs of the reference: one shift for logits
+and labels (the reference masks logits and labels with different shifts, so the first diverging
+token is scored from zeroed logits and gets no gradient); -100 as the ignore marker (the reference
+drops every label equal to 0); padding never enters a loss (the reference pads with EOS and scores
+it); the lens averages over its read-outs *inside* the log, ``log(1 + mean)``, where the reference
+divides the sum of 34 read-outs by 33 before adding 1; hook points from a per-architecture table
+(the reference names Llama modules); the lens never materializes full-vocabulary logits per layer.
+
+Two baselines of the RepNoise paper's table are this trainer with terms switched off, registered
+as named configurations in ``immunize.defences`` (the reference's branches of the same names):
+
+- ``gradient-ascent`` (``ascent_loss``): no noise term, ``ascent_form=log``:
+  ``CE(refusal) − α·log(mean lens CE)``, the ascent read through every layer (the reference also
+  counts the final logits twice: once as the model's, once as the doubly-normalized last state);
+- ``adversarial-loss`` (``adversarial_loss``): no noise term, the ascent read at the output only,
+  ``ascent_form=linear``, α = λ = 0.1: ``CE(refusal) − λ·CE(harmful)``, unbounded as in the code.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from enum import Enum
 from functools import partial
-from pathlib import Path
 
 import torch
 from transformers import Trainer
 
-from immunize.defences import register_defence
+from immunize.defences.base import Defence, DefenceArguments, DefenceData
 from immunize.defences.losses import BANDWIDTHS, head_cross_entropy, mmd_rbf, mmd_rbf_checkpointed
 from immunize.defences.paired import PairedCollator, encode_pairs
 from immunize.errors import ImmunizeError
 from immunize.hooks import HookSet, ResolvedHookPoints, input_tensor, output_tensor, resolve_hook_points
 from immunize.prompts import IGNORE_INDEX
-from immunize.training import ImmunizeTrainingArguments, check_finite
+from immunize.training import check_finite
 
 log = logging.getLogger(__name__)
 
 ACTIVATIONS = ("mlp", "residual")
 MMD_LEVELS = ("sequence", "token")
 ABLATIONS = ("stability", "noise", "ascent", "lens", "mask")
+# How the ascent enters the loss: −α·log(1 + A) (RepNoise), −α·log(A) (the reference code's
+# gradient-ascent baseline, ``ascent_loss``) or −α·A (its adversarial-loss baseline, unbounded).
+ASCENT_FORMS = ("log1p", "log", "linear")
 
 
 def _split_list(value: str) -> list[str]:
@@ -104,13 +124,14 @@ class RepNoiseOptions:
     mmd_bandwidth: str = "mean"
     ablate: frozenset[str] = frozenset()
     lens_chunk_tokens: int = 0
+    ascent_form: str = "log1p"
 
     def uses(self, term: str) -> bool:
         return term not in self.ablate
 
 
 @dataclass
-class RepNoiseConfig(ImmunizeTrainingArguments):
+class RepNoiseConfig(DefenceArguments):
     """RepNoise options; training defaults are the paper's.
 
     Adam (AdamW, no weight decay), lr 2e-5, batch 8, one epoch, cosine schedule, 10% warm-up.
@@ -134,9 +155,9 @@ class RepNoiseConfig(ImmunizeTrainingArguments):
     ablate: str = field(default="", metadata={
         "help": f"comma list of terms to switch off (paper ablations): {', '.join(ABLATIONS)}; "
                 "'lens' reads the ascent from the output only, 'mask' scores every harmful token"})
-    held_out_categories: list[str] = field(default_factory=list, metadata={
-        "help": "BeaverTails categories kept out of the defence data (cross-domain tests); space-separated "
-                "names as in immunize.data.CATEGORIES (several contain commas, so this is a list)"})
+    ascent_form: str = field(default="log1p", metadata={
+        "help": "how the ascent A enters the loss: log1p (−α·log(1 + A), RepNoise), log (−α·log A, the "
+                "reference gradient-ascent baseline) or linear (−α·A, the reference adversarial loss)"})
     lens_chunk_tokens: int = field(default=0, metadata={
         "help": "rows per LM-head chunk in the lens (0: about 64 MiB of fp32 logits per chunk)"})
 
@@ -152,7 +173,8 @@ class RepNoiseConfig(ImmunizeTrainingArguments):
     def __post_init__(self):
         for name, value, choices in (("activations", self.activations, ACTIVATIONS),
                                      ("mmd_level", self.mmd_level, MMD_LEVELS),
-                                     ("mmd_bandwidth", self.mmd_bandwidth, BANDWIDTHS)):
+                                     ("mmd_bandwidth", self.mmd_bandwidth, BANDWIDTHS),
+                                     ("ascent_form", self.ascent_form, ASCENT_FORMS)):
             if value not in choices:
                 raise ImmunizeError(f"--{name} {value!r}: use one of {', '.join(choices)}")
         unknown = set(_split_list(self.ablate)) - set(ABLATIONS)
@@ -185,6 +207,7 @@ class RepNoiseConfig(ImmunizeTrainingArguments):
             lens_embeddings=self.lens_embeddings, mmd_level=self.mmd_level, mmd_kernels=self.mmd_kernels,
             mmd_multiplier=self.mmd_multiplier, mmd_bandwidth=self.mmd_bandwidth,
             ablate=frozenset(_split_list(self.ablate)), lens_chunk_tokens=self.lens_chunk_tokens,
+            ascent_form=self.ascent_form,
         )
 
 
@@ -208,7 +231,8 @@ class RepNoiseTerms:
         if self.noise is not None:
             parts.append(options.beta * self.noise)
         if self.ascent is not None:
-            parts.append(-options.alpha * torch.log1p(self.ascent))
+            bounded = {"log1p": torch.log1p, "log": torch.log, "linear": lambda a: a}[options.ascent_form]
+            parts.append(-options.alpha * bounded(self.ascent))
         return torch.stack(parts).sum()
 
 
@@ -374,95 +398,47 @@ class RepNoiseTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def _categories(value: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(value)
-
-
 def build_defence_pairs(cfg: RepNoiseConfig):
     """Pairs from the defence split only (never the attack or evaluation prompts), first N if asked."""
     from immunize.data import RefusalBank, build_pairs, load_splits
     from immunize.training import take
 
-    splits = load_splits(root=cfg.data_root, held_out_categories=_categories(cfg.held_out_categories))
+    splits = load_splits(root=cfg.data_root, held_out_categories=tuple(cfg.held_out_categories))
     pairs = build_pairs(splits.defence, RefusalBank.from_data(cfg.data_root))
     return take(pairs, cfg.num_samples, "defence pairs"), splits
 
 
-# Options that decide what a run computes: a restarted run must match them to resume or to be skipped.
-_IDENTITY_FIELDS = (
-    "model", "data_root", "prompt_format", "max_length", "num_samples", "dtype", "use_lora", "lora_r",
-    "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora", "alpha", "beta", "activations",
-    "layers", "lens_embeddings", "mmd_level", "mmd_kernels", "mmd_multiplier", "mmd_bandwidth", "ablate",
-    "held_out_categories", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "num_train_epochs", "max_steps", "seed", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
-)
-IDENTITY_FILE = "immunize-run.json"
-
-
-def run_identity(cfg: RepNoiseConfig) -> dict:
-    values = {name: getattr(cfg, name) for name in _IDENTITY_FIELDS}
-    return {name: str(v.value if isinstance(v, Enum) else v) for name, v in values.items()}
-
-
-def _check_identity(out: Path, identity: dict) -> None:
-    from immunize.io import read_json
-
-    path = out / IDENTITY_FILE
-    if not path.is_file():
-        return
-    previous = read_json(path).get("identity", {})
-    changed = sorted(k for k in identity if previous.get(k) != identity[k])
-    if changed:
-        raise ImmunizeError(f"--output_dir {out}: holds a run with different {', '.join(changed)}; "
-                            "choose another --output_dir (or delete it) to start afresh")
-
-
-@register_defence("repnoise", RepNoiseConfig, "Representation Noising (Rosati et al., NeurIPS 2024)")
-def run(cfg: RepNoiseConfig) -> Path:
-    from immunize.config import fingerprint, write_provenance
-    from immunize.io import atomic_write_json
-    from immunize.models import model_fingerprint
-    from immunize.training import StepTimer, is_complete, load_training_model, run_training, save_final_model
-
-    out = Path(cfg.output_dir)
-    identity = run_identity(cfg)
-    _check_identity(out, identity)
-    if is_complete(out):
-        log.warning("%s: already complete with the same options; nothing to do", out)
-        return out
+def paired_defence_data(cfg, tokenizer) -> DefenceData:
+    """Encoded (harmful, refusal) pairs of the defence split, for ``PairedCollator``; shared by the
+    defences that train on pairs."""
+    from immunize.config import fingerprint
+    from immunize.data.beavertails import QA_FILE
+    from immunize.data.refusals import SAFE_RESPONSE_FILES, XSTEST_FILES
 
     pairs, splits = build_defence_pairs(cfg)
-    model, tokenizer = load_training_model(cfg)
-    points = resolve_hook_points(model)
-    select_layers(cfg.layers, points.num_layers)
     features, dropped = encode_pairs(tokenizer, pairs, cfg.prompt_format, cfg.max_length)
     if not features:
         raise ImmunizeError(f"no usable defence pairs at --max_length {cfg.max_length} (dropped: {dropped})")
-    data = {
-        "pairs_sha256": fingerprint([[p.prompt, p.harmful, p.refusal, list(p.categories)] for p in pairs],
-                                    64),
+    summary = {
+        "pairs_sha256": fingerprint([[p.prompt, p.harmful, p.refusal, list(p.categories)] for p in pairs], 64),
         "features_sha256": fingerprint(features, 64),
         "pairs": len(pairs), "pairs_used": len(features), "pairs_dropped": dropped,
         "defence_split_rows": len(splits.defence),
-        "held_out_categories": list(_categories(cfg.held_out_categories)),
+        "held_out_categories": list(cfg.held_out_categories),
     }
-    base_fingerprint = model_fingerprint(cfg.model)
-    atomic_write_json(out / IDENTITY_FILE, {"defence": "repnoise", "identity": identity})
-    write_provenance(out, {"defence": cfg}, extra={"defence": "repnoise", "data": data,
-                                                   "base_model_fingerprint": base_fingerprint,
-                                                   "architecture": points.model_type})
+    return DefenceData(features=features, prompts=[p.prompt for p in pairs], summary=summary,
+                       sources=[QA_FILE, *XSTEST_FILES, *SAFE_RESPONSE_FILES])
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    collator = PairedCollator(pad, all_tokens="mask" in cfg.loss_options().ablate)
-    trainer = RepNoiseTrainer(model=model, args=cfg, train_dataset=features, processing_class=tokenizer,
-                              data_collator=collator)
-    timer = StepTimer()
-    result = run_training(trainer)
-    history = [e for e in trainer.state.log_history if "loss" in e]
-    save_final_model(trainer, tokenizer, {
-        "defence": "repnoise", "base_model": cfg.model, "base_model_fingerprint": base_fingerprint,
-        "options": identity, "data": data, "train_loss": result.training_loss,
-        "first_log": history[0] if history else None, "last_log": history[-1] if history else None,
-        **timer.summary(trainer.state.global_step),
-    })
-    return out
+
+class RepNoise(Defence):
+    config_class = RepNoiseConfig
+
+    def build_data(self, cfg: RepNoiseConfig, tokenizer) -> DefenceData:
+        return paired_defence_data(cfg, tokenizer)
+
+    def build_trainer(self, cfg: RepNoiseConfig, model, tokenizer, data: DefenceData) -> RepNoiseTrainer:
+        select_layers(cfg.layers, resolve_hook_points(model).num_layers)  # the range, now that it is known
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        collator = PairedCollator(pad, all_tokens="mask" in cfg.loss_options().ablate)
+        return RepNoiseTrainer(model=model, args=cfg, train_dataset=data.features, processing_class=tokenizer,
+                               data_collator=collator)

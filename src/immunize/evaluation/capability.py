@@ -15,7 +15,7 @@ import numpy as np
 
 from immunize.errors import ImmunizeError
 from immunize.evaluation.config import split_list
-from immunize.evaluation.registry import Section, SectionResult, register_section
+from immunize.evaluation.registry import Section, SectionResult
 from immunize.evaluation.stats import summarize
 from immunize.tasks import MaterializedTasks, materialize
 
@@ -118,11 +118,7 @@ def summarize_capability(
     )
 
 
-@register_section
 class Capability(Section):
-    name = "capability"
-    help = "MMLU and TruthfulQA MC1/MC2 accuracy via lm-evaluation-harness on local data"
-    order = 40
     options = (
         "capability_tasks",
         "mmlu_subjects",

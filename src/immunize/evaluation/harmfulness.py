@@ -25,7 +25,7 @@ from immunize.data.readers import read_table, require
 from immunize.errors import ImmunizeError
 from immunize.evaluation.config import fixed_subset
 from immunize.evaluation.judging import LoadedJudge, load_role
-from immunize.evaluation.registry import Section, SectionResult, register_section
+from immunize.evaluation.registry import Section, SectionResult
 from immunize.evaluation.stats import summarize
 from immunize.generation import Generation, generate
 from immunize.paths import data_root
@@ -171,11 +171,7 @@ def evaluate_harmfulness(
     return score_harmfulness(prompts, generations, harm_judge, refusal_judge, resamples=resamples, seed=seed)
 
 
-@register_section
 class Harmfulness(Section):
-    name = "harmfulness"
-    help = "answers to held-out harmful prompts: judge score, harmful rate, refusal rate (per category)"
-    order = 10
     options = (
         "harmfulness_source",
         "harmfulness_samples",

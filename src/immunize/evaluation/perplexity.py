@@ -17,7 +17,7 @@ import torch
 from immunize.data import load_benign_answers, split_of
 from immunize.errors import ImmunizeError
 from immunize.evaluation.config import fixed_subset
-from immunize.evaluation.registry import Section, SectionResult, register_section
+from immunize.evaluation.registry import Section, SectionResult
 from immunize.evaluation.stats import ratio_bootstrap_ci, summarize
 from immunize.generation import length_sorted_batches
 from immunize.prompts import IGNORE_INDEX, CausalLMCollator, encode
@@ -54,11 +54,7 @@ def answer_nll(
     return nll, counts
 
 
-@register_section
 class Perplexity(Section):
-    name = "perplexity"
-    help = "perplexity of held-out benign answers (alpaca_eval rows outside every training split)"
-    order = 50
     options = ("perplexity_samples", "perplexity_max_length", "prompt_format", "bootstrap_resamples", "seed")
     headline = ("perplexity",)
 

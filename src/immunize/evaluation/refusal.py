@@ -9,15 +9,11 @@ from __future__ import annotations
 from immunize.data import load_harmless_instructions
 from immunize.evaluation.config import fixed_subset
 from immunize.evaluation.harmfulness import generation_details
-from immunize.evaluation.registry import Section, SectionResult, register_section
+from immunize.evaluation.registry import Section, SectionResult
 from immunize.evaluation.stats import summarize
 
 
-@register_section
 class OverRefusal(Section):
-    name = "overrefusal"
-    help = "refusal rate on benign instructions (harmless test split)"
-    order = 20
     options = (
         "overrefusal_samples",
         "overrefusal_max_new_tokens",

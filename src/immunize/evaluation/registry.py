@@ -1,9 +1,11 @@
 """The registry of evaluation sections (lm-evaluation-harness style: one small class per task).
 
-A section declares which config options define it, which judge roles it needs, how to gather
-its inputs (cheap: data only, no model), and how to run. The runner fingerprints the model, the
-judges, those options and the inputs into the section's cache key, so a result is reused exactly
-when the same evaluation is asked for again.
+Each section is one ``SECTIONS.register`` line: its name, its class as ``"module:Class"`` (imported
+on first use), what it measures and its place in reports and in "all". A section declares which
+config options define it, which judge roles it needs, how to gather its inputs (cheap: data only,
+no model), and how to run. The runner fingerprints the model, the judges, those options and the
+inputs into the section's cache key, so a result is reused exactly when the same evaluation is
+asked for again.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from immunize.errors import ImmunizeError
+from immunize.registry import Registry
 
 if TYPE_CHECKING:
     from immunize.evaluation.runner import EvaluationContext
@@ -26,12 +28,10 @@ class SectionResult:
 
 
 class Section:
-    name: ClassVar[str]
-    help: ClassVar[str]
+    name: str = ""  # the registered name (set by ``get_section``)
     options: ClassVar[tuple[str, ...]] = ()  # config fields that change the result
     judges: ClassVar[tuple[str, ...]] = ()  # judge roles (see EvaluationContext.judge)
     headline: ClassVar[tuple[str, ...]] = ()  # metrics printed and copied into summary.json
-    order: ClassVar[int] = 100  # position in reports and in "all"
 
     def inputs(self, ctx: EvaluationContext) -> Any:
         """The data this section reads (JSON-serializable); part of the cache key."""
@@ -45,21 +45,32 @@ class Section:
         return {}
 
 
-SECTIONS: dict[str, type[Section]] = {}
+SECTIONS: Registry[type[Section]] = Registry("section", "--sections")
+
+SECTIONS.register("harmfulness", "immunize.evaluation.harmfulness:Harmfulness",
+                  "answers to held-out harmful prompts: judge score, harmful rate, refusal rate (per category)",
+                  order=10)
+SECTIONS.register("overrefusal", "immunize.evaluation.refusal:OverRefusal",
+                  "refusal rate on benign instructions (harmless test split)", order=20)
+SECTIONS.register("toxicity", "immunize.evaluation.toxicity:Toxicity",
+                  "continuations of DecodingTrust toxic_test prompts: mean toxicity, toxic rate", order=30)
+SECTIONS.register("capability", "immunize.evaluation.capability:Capability",
+                  "MMLU and TruthfulQA MC1/MC2 accuracy via lm-evaluation-harness on local data", order=40)
+SECTIONS.register("perplexity", "immunize.evaluation.perplexity:Perplexity",
+                  "perplexity of held-out benign answers (alpaca_eval rows outside every training split)",
+                  order=50)
+SECTIONS.register("trainability", "immunize.evaluation.trainability:Trainability",
+                  "ROUGE on ViGGO/E2E after a fixed small fine-tuning budget, against a reference model",
+                  order=60)
 
 
-def register_section(cls: type[Section]) -> type[Section]:
-    if cls.name in SECTIONS and SECTIONS[cls.name] is not cls:
-        raise ValueError(f"evaluation section {cls.name!r} registered twice")
-    SECTIONS[cls.name] = cls
-    ordered = sorted(SECTIONS.items(), key=lambda item: (item[1].order, item[0]))
-    SECTIONS.clear()
-    SECTIONS.update(ordered)
-    return cls
+def section_names() -> list[str]:
+    """Every section, in report order (the order of "all"); imports nothing."""
+    # A section registered without an order (a plug-in) comes after the built-ins.
+    return sorted(SECTIONS.names(), key=lambda name: (SECTIONS.entry(name).extra.get("order", 100), name))
 
 
 def get_section(name: str) -> Section:
-    try:
-        return SECTIONS[name]()
-    except KeyError:
-        raise ImmunizeError(f"--sections: unknown section {name!r} (known: {', '.join(SECTIONS)})") from None
+    section = SECTIONS.get(name)()
+    section.name = name
+    return section

@@ -22,7 +22,7 @@ from immunize.config import config_to_dict, fingerprint, write_provenance
 from immunize.errors import ImmunizeError
 from immunize.evaluation.config import EvaluationConfig, resolve_suite, split_list
 from immunize.evaluation.judging import Judge, LoadedJudge, load_role
-from immunize.evaluation.registry import SECTIONS, Section, get_section
+from immunize.evaluation.registry import Section, get_section, section_names
 from immunize.evaluation.results import (
     SCHEMA,
     SCHEMA_VERSION,
@@ -167,7 +167,7 @@ class EvaluationContext:
 
 
 def selected_sections(config: EvaluationConfig) -> list[str]:
-    wanted = list(SECTIONS) if config.sections.strip() in ("", "all") else split_list(config.sections)
+    wanted = section_names() if config.sections.strip() in ("", "all") else split_list(config.sections)
     for name in [*wanted, *split_list(config.skip)]:
         get_section(name)  # raises on an unknown name
     skipped = set(split_list(config.skip))
@@ -301,7 +301,7 @@ def evaluate(
     summary["seconds"] = round(time.perf_counter() - start, 2)
     summary["cpu_seconds"] = round(time.process_time() - cpu_start, 2)
     # Sections of this model evaluated by earlier runs into the same directory stay in the summary.
-    for name in SECTIONS:
+    for name in section_names():
         if name in summary["sections"] or not result_path(out, name).is_file():
             continue
         try:

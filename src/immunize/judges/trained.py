@@ -178,5 +178,8 @@ class TrainedJudge(Judge):
         return {**super().describe(), "encoder": self.encoder.identity, "directory": str(self.directory)}
 
 
-def load_trained(name: str, *, root: str | Path | None = None, **options: Any) -> TrainedJudge:
-    return TrainedJudge(judge_dir(name, root), **options)
+def load_trained(name: str, *, root: str | Path | None = None, encoder: TextEncoder | None = None,
+                 device: str | None = None, batch_size: int = 64, threshold: float | None = None) -> TrainedJudge:
+    """The trained judge ``name`` from ``root`` (default: the cache); its options are checked by name."""
+    return TrainedJudge(judge_dir(name, root), encoder=encoder, device=device, batch_size=batch_size,
+                        threshold=threshold)

@@ -42,8 +42,9 @@ def spread_layers(num_layers: int, count: int = 4) -> list[int]:
     return sorted({round(1 + i * (num_layers - 1) / (count - 1)) for i in range(count)})
 
 
-def depth_analysis(models: dict[str, str], cfg, defences: list[str]) -> dict[str, Any]:
-    """``models`` maps labels (aligned, <defence>, <defence>@<budget>) to checkpoint paths."""
+def depth_analysis(models: dict[str, str], cfg, defences: list[str], baseline: str = "none") -> dict[str, Any]:
+    """``models`` maps labels (aligned, <defence>, <defence>@<budget>) to checkpoint paths; the
+    ``baseline`` defence's attacked model is compared with ``aligned``."""
     from immunize.analysis import logit_lens, representation_pca, weight_distance
 
     loaded = {label: load_model_and_tokenizer(path, device="cpu", dtype=cfg.dtype) for label, path in models.items()}
@@ -56,7 +57,7 @@ def depth_analysis(models: dict[str, str], cfg, defences: list[str]) -> dict[str
             continue
         if "@" in label:
             defence = label.split("@", 1)[0]
-            start = "aligned" if defence == "none" else defence
+            start = "aligned" if defence == baseline else defence
             distances[f"{label} vs {start}"] = weight_distance(loaded[start][0], loaded[label][0])
         else:
             distances[f"{label} vs aligned"] = weight_distance(aligned, loaded[label][0])

@@ -1,17 +1,77 @@
-"""The recipe of `immunize run`: one flat dataclass, so every knob is a flag and a YAML key."""
+"""The recipe of `immunize run`: run-wide options, then the methods as lists of labelled entries.
+
+```yaml
+align: {defence: safety-sft, num_harmful: 64, num_benign: 64}   # or false
+defences:
+  - {label: none}
+  - {label: repnoise, defence: repnoise, alpha: 1, beta: 0.001}
+  - {label: repnoise-no-noise, defence: repnoise, ablate: noise}
+attacks:
+  - {label: sft, attack: sft, grid: {learning_rate: [3e-5, 8e-5], num_samples: [64], seed: [42]}}
+```
+
+An entry's method (``defence`` / ``attack``) defaults to its label; labels are unique and name the
+report's rows (defences) and column groups (attacks). Every other key is an option of the method's
+own config, validated (and coerced: YAML reads ``8e-5`` as text) when the recipe is parsed, so a bad
+recipe fails in a second, before anything runs. Options every defence honours (``SHARED_OPTIONS``)
+are set once at the top level and given to every defence and to the alignment; an entry may not set
+them itself. A plain string ``repnoise`` is short for ``{label: repnoise}``.
+
+On the command line, every top-level key is a flag (``--max_length 96``) and every entry key is a
+dotted flag: ``--defences.repnoise.alpha 2``, ``--attacks.sft.grid.learning_rate 3e-5,8e-5``,
+``--align.num_harmful 128``, ``--align false``.
+
+The flat recipe shape of earlier versions (``defence_learning_rate``, ``repnoise_alpha``,
+``attack_learning_rates`` …) is refused with a one-line hint on how to rewrite it.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
 
 from immunize.errors import ImmunizeError
 from immunize.models.aliases import DEFAULT_MODEL
 from immunize.prompts import check_format
 
+METHOD_KEYS = ("align", "defences", "attacks")
+# Shared by every defence (immunize.defences.base.SHARED_OPTIONS) and, but for the categories (a
+# cross-domain *attack* option there), by every attack.
+SHARED_DEFENCE_OPTIONS = ("data_root", "prompt_format", "max_length", "seed", "dtype", "held_out_categories")
+SHARED_ATTACK_OPTIONS = ("data_root", "prompt_format", "max_length", "seed", "dtype")
+# The pipeline sets these on every attack: it scores the curve with its own judge.
+PIPELINE_ATTACK_OPTIONS = ("curve_num_prompts", "curve_num_answers", "output_dir", "model", "attack", "grid")
+LEGACY_KEYS = frozenset({
+    "align_num_harmful", "align_num_benign", "align_learning_rate", "align_epochs", "align_batch_size",
+    "defence_num_samples", "defence_learning_rate", "defence_epochs", "defence_batch_size", "repnoise_alpha",
+    "repnoise_beta", "attack", "attack_use_lora", "attack_learning_rates", "attack_num_samples", "attack_seeds",
+    "attack_epochs", "attack_batch_size", "curve_every_steps",
+})
+LEGACY_HINT = ("is a key of the old flat recipe shape; methods are now labelled entries, e.g. "
+               "align: {num_harmful: 64}, defences: [{label: none}, {label: repnoise, learning_rate: 2e-5, "
+               "num_samples: 256}], attacks: [{label: sft, per_device_train_batch_size: 8, curve_every_steps: 4, "
+               "grid: {learning_rate: [8e-5], num_samples: [64], seed: [42]}}] (README, 'Recipes')")
+DEFAULT_ALIGNMENT = "safety-sft"
+
+
+def _default_defences() -> list[Any]:
+    return [{"label": "none"}, {"label": "repnoise"}]
+
+
+def _default_attacks() -> list[Any]:
+    return [{"label": "sft", "grid": {"learning_rate": [3e-5, 6e-5, 8e-5], "num_samples": [1000, 10000]}}]
+
 
 @dataclass
-class RunConfig:
-    # The experiment.
+class RunOptions:
+    """The run-wide options (every one a flag and a top-level YAML key)."""
+
     name: str = field(default="experiment", metadata={"help": "run name (shown in the report)"})
     output_dir: str = field(default="runs/experiment",
                             metadata={"help": "run directory (stages/, results.json, report/)"})
@@ -19,38 +79,10 @@ class RunConfig:
     data_root: str | None = field(default=None, metadata={"help": "local data root (default ../shared/data)"})
     prompt_format: str = field(default="chat", metadata={"help": "chat or plain"})
     max_length: int = field(default=128, metadata={"help": "tokens per training example"})
-    seed: int = field(default=42, metadata={"help": "seed of every stage"})
+    seed: int = field(default=42, metadata={"help": "seed of every stage (attack seeds: in each attack's grid)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"})
 
-    # Alignment: safety SFT that makes a non-refusing instruct model the papers' aligned base.
-    align: bool = field(default=True, metadata={"help": "safety-align the base model first"})
-    align_num_harmful: int = field(default=256, metadata={"help": "harmful prompts answered with refusals"})
-    align_num_benign: int = field(default=256, metadata={"help": "benign instructions with answers"})
-    align_learning_rate: float = field(default=5e-5, metadata={"help": "alignment learning rate"})
-    align_epochs: float = field(default=1.0, metadata={"help": "alignment epochs"})
-    align_batch_size: int = field(default=8, metadata={"help": "alignment batch size"})
-
-    # Defences to compare; "none" is the aligned model itself.
-    defences: list[str] = field(default_factory=lambda: ["none", "repnoise"],
-                                metadata={"help": "defences to compare (none = the undefended aligned model)"})
-    defence_num_samples: int = field(default=256, metadata={"help": "defence pairs (harmful, refusal)"})
-    defence_learning_rate: float = field(default=2e-5, metadata={"help": "defence learning rate (paper: 2e-5)"})
-    defence_epochs: float = field(default=1.0, metadata={"help": "defence epochs (paper: 1)"})
-    defence_batch_size: int = field(default=8, metadata={"help": "defence batch size (paper: 8)"})
-    repnoise_alpha: float = field(default=1.0, metadata={"help": "RepNoise ascent weight α (paper: 1)"})
-    repnoise_beta: float = field(default=0.001, metadata={"help": "RepNoise noise weight β (paper: 0.001)"})
-
-    # Attacks: the grid of budgets (learning rate × samples × seed), the same for every defence.
-    attack: str = field(default="sft", metadata={"help": "attack (sft, dpo, toxicity, ...)"})
-    attack_use_lora: bool = field(default=False, metadata={"help": "LoRA attack instead of full fine-tuning"})
-    attack_learning_rates: list[float] = field(default_factory=lambda: [3e-5, 6e-5, 8e-5],
-                                               metadata={"help": "attack learning rates"})
-    attack_num_samples: list[int] = field(default_factory=lambda: [1000, 10000],
-                                          metadata={"help": "attack sample counts"})
-    attack_seeds: list[int] = field(default_factory=lambda: [42], metadata={"help": "attack seeds"})
-    attack_epochs: float = field(default=1.0, metadata={"help": "attack epochs"})
-    attack_batch_size: int = field(default=8, metadata={"help": "attack batch size"})
-    curve_every_steps: int = field(default=10, metadata={"help": "resistance-curve point every N attack steps"})
+    # Resistance curves: the pipeline scores each attack with the harmfulness judge.
     curve_num_prompts: int = field(default=16, metadata={"help": "prompts judged at each curve point"})
     curve_max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per curve prompt"})
 
@@ -66,9 +98,9 @@ class RunConfig:
     eval_overrefusal_samples: int | None = field(default=None, metadata={"help": "benign prompts for over-refusal"})
     harmfulness_judge: str = field(default="harmfulness", metadata={"help": "judge of harmfulness"})
 
-    # Generalization: the defence never sees these categories; harm on them is reported apart.
+    # Generalization: no defence (nor the alignment) sees these categories; harm on them is reported apart.
     held_out_categories: list[str] = field(default_factory=list,
-                                           metadata={"help": "BeaverTails categories kept out of the defence"})
+                                           metadata={"help": "BeaverTails categories kept out of every defence"})
 
     # Depth analysis.
     analysis: bool = field(default=True, metadata={"help": "weight distance, representation PCA, logit lens"})
@@ -76,30 +108,289 @@ class RunConfig:
     analysis_layers: list[int] = field(default_factory=list, metadata={"help": "PCA layers (default: 4 spread)"})
     analysis_lens_tokens: int = field(default=32, metadata={
         "help": "logit lens: opening answer tokens read out per example (its cost grows with them)"})
+    analysis_defences: list[str] = field(default_factory=list, metadata={
+        "help": "defence labels the depth analysis covers (default: all; each costs two model loads and passes)"})
 
     # Verdict thresholds (see immunize.verdict for their meaning and defaults).
     phi: float | None = field(default=None, metadata={"help": "harmfulness threshold φ for resistance"})
     epsilon: float | None = field(default=None, metadata={"help": "tolerance ε for stability and trainability"})
 
+
+@dataclass
+class MethodEntry:
+    """One labelled, validated recipe entry."""
+
+    label: str
+    method: str  # the registry name
+    options: dict[str, Any]  # the entry's own options, typed (shared options not included)
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # attacks: the swept options
+
+
+@dataclass
+class RunConfig(RunOptions):
+    align: Any = field(default=True, metadata={
+        "help": "alignment entry (safety SFT of the base model), true for its defaults, or false"})
+    defences: list[Any] = field(default_factory=_default_defences, metadata={"help": "labelled defence entries"})
+    attacks: list[Any] = field(default_factory=_default_attacks, metadata={"help": "labelled attack entries"})
+
+    alignment: MethodEntry | None = field(init=False, default=None)
+    defence_entries: list[MethodEntry] = field(init=False, default_factory=list)
+    attack_entries: list[MethodEntry] = field(init=False, default_factory=list)
+
     def __post_init__(self):
         check_format(self.prompt_format)
-        if not self.defences:
-            raise ImmunizeError("--defences: name at least one defence (none is the baseline)")
-        if "none" not in self.defences:
-            raise ImmunizeError("--defences: include 'none': every verdict compares with the undefended model")
-        if len(set(self.defences)) != len(self.defences):
-            raise ImmunizeError(f"--defences: {self.defences} names a defence twice")
-        for name in ("attack_learning_rates", "attack_num_samples", "attack_seeds"):
-            if not getattr(self, name):
-                raise ImmunizeError(f"--{name}: give at least one value")
-        if any(n <= 0 for n in self.attack_num_samples):
-            raise ImmunizeError("--attack_num_samples: values must be positive")
         for name in ("analysis_examples", "analysis_lens_tokens"):
             if getattr(self, name) < 1:
                 raise ImmunizeError(f"--{name}: must be positive, got {getattr(self, name)}")
-        from immunize.data.beavertails import CATEGORIES
+        from immunize.attacks.arguments import parse_categories
 
-        if unknown := [name for name in self.held_out_categories if name not in CATEGORIES]:
-            # Checked here: the stages would find out only after alignment has run.
-            raise ImmunizeError(f"--held_out_categories: unknown BeaverTails categories {unknown} "
-                                f"(known: {'; '.join(CATEGORIES)})")
+        try:  # Checked here: the stages would find out only after alignment has run.
+            self.held_out_categories = parse_categories(self.held_out_categories)
+        except ImmunizeError as err:
+            raise ImmunizeError(str(err).replace("--held_out_categories: unknown category",
+                                                 "--held_out_categories: unknown BeaverTails category")) from None
+        self.alignment = self._alignment_entry()
+        self.defence_entries = self._entries("defences", "defence", self.defences)
+        self.attack_entries = self._entries("attacks", "attack", self.attacks)
+        methods = [e.method for e in self.defence_entries]
+        if methods.count("none") != 1:
+            raise ImmunizeError("--defences: list the undefended model exactly once ({label: none}): every verdict "
+                                f"compares with it (got {methods.count('none')})")
+        unknown = sorted(set(self.analysis_defences) - {e.label for e in self.defence_entries})
+        if unknown:
+            raise ImmunizeError(f"--analysis_defences: no defence labelled {', '.join(unknown)} in the recipe")
+        self.validate()
+
+    @property
+    def baseline(self) -> str:
+        return next(e.label for e in self.defence_entries if e.method == "none")
+
+    # -- entries ---------------------------------------------------------------------------
+    def _alignment_entry(self) -> MethodEntry | None:
+        if self.align is False or self.align is None:
+            return None
+        raw = {} if self.align is True else self.align
+        if not isinstance(raw, dict):
+            raise ImmunizeError(f"--align: expected true, false or a mapping of options, got {self.align!r}")
+        raw = dict(raw)
+        if "label" in raw:
+            raise ImmunizeError("--align.label: the alignment stage has no label (it is the 'aligned' model)")
+        method = str(raw.pop("defence", DEFAULT_ALIGNMENT))
+        return self._entry("align", "defence", {"label": "aligned", "defence": method, **raw}, alignment=True)
+
+    def _entries(self, key: str, kind: str, raw_entries: Any) -> list[MethodEntry]:
+        if isinstance(raw_entries, (str, dict)):
+            raw_entries = [raw_entries]
+        if not isinstance(raw_entries, list) or not raw_entries:
+            raise ImmunizeError(f"--{key}: expected a non-empty list of entries like {{label: NAME, ...}}")
+        entries = [self._entry(key, kind, raw) for raw in raw_entries]
+        labels = [e.label for e in entries]
+        if len(set(labels)) != len(labels):
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            raise ImmunizeError(f"--{key}: labels must be unique; repeated: {', '.join(repeated)}")
+        return entries
+
+    def _entry(self, key: str, kind: str, raw: Any, alignment: bool = False) -> MethodEntry:
+        if isinstance(raw, str):
+            raw = {"label": raw}
+        if not isinstance(raw, dict) or not raw.get("label"):
+            raise ImmunizeError(f"--{key}: each entry needs a label, e.g. {{label: NAME}}; got {raw!r}")
+        raw = dict(raw)
+        label = str(raw.pop("label"))
+        if not all(c.isalnum() or c in "-_." for c in label):
+            raise ImmunizeError(f"--{key}.{label}: labels may hold letters, digits, '-', '_' and '.' only")
+        where = key if alignment else f"{key}.{label}"
+        method = str(raw.pop(kind, label))
+        grid = raw.pop("grid", None) if kind == "attack" else None
+        cls = _config_class(kind, method, where)
+        shared = SHARED_DEFENCE_OPTIONS if kind == "defence" else SHARED_ATTACK_OPTIONS
+        reserved = shared if kind == "defence" else (*shared, *PIPELINE_ATTACK_OPTIONS)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        options = {}
+        for name, value in raw.items():
+            if name in reserved:
+                raise ImmunizeError(f"--{where}.{name}: set by the recipe for every {kind}, not per entry")
+            if name not in fields:
+                raise ImmunizeError(f"--{where}.{name}: unknown option of {kind} {method!r} "
+                                    f"(`immunize {'defend --defence' if kind == 'defence' else 'attack --attack'} "
+                                    f"{method} --help` lists them)")
+            options[name] = _coerce(cls, name, value, f"--{where}.{name}")
+        if kind == "defence":
+            missing = [name for name in shared if name not in fields]
+            if missing:
+                raise ImmunizeError(f"--{where}: defence {method!r} has no option(s) {', '.join(missing)}, which "
+                                    "every defence must honour")
+        parsed_grid: dict[str, list[Any]] = {}
+        if grid is not None:
+            if not isinstance(grid, dict):
+                raise ImmunizeError(f"--{where}.grid: expected a mapping of option → list of values")
+            from immunize.attacks.grid import parse_grid
+
+            parsed_grid = parse_grid({k: v if isinstance(v, list) else [v] for k, v in grid.items()})
+        return MethodEntry(label=label, method=method, options=options, grid=parsed_grid)
+
+    # -- method configs (built here to validate, and by the pipeline to run) ----------------------
+    def shared_defence_options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in SHARED_DEFENCE_OPTIONS}
+
+    def shared_attack_options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in SHARED_ATTACK_OPTIONS}
+
+    def defence_config(self, entry: MethodEntry, model: str, output_dir: str):
+        from immunize.defences import defence_config
+
+        defaults = {}
+        if entry is self.alignment:
+            from immunize.alignment import ALIGNMENT_DEFAULTS
+
+            defaults = {k: v for k, v in ALIGNMENT_DEFAULTS.items() if k != "output_dir"}
+        return defence_config(entry.method, **{**defaults, **entry.options, **self.shared_defence_options(),
+                                               "model": model, "output_dir": output_dir})
+
+    def attack_config(self, entry: MethodEntry, model: str, output_dir: str):
+        from immunize.attacks.registry import get_attack
+
+        cls = get_attack(entry.method).config_class
+        return cls(**{**entry.options, **self.shared_attack_options(), "model": model, "output_dir": output_dir,
+                      "attack": entry.method, "grid": entry.grid or None})
+
+    def validate(self) -> None:
+        """Build every method's config once (and expand every grid), so bad options fail now."""
+        from immunize.attacks.grid import expand_grid
+
+        where = f"{self.output_dir}/stages/.validate"
+        for entry in [*([self.alignment] if self.alignment else []), *self.defence_entries]:
+            self._checked(entry, lambda e=entry: self.defence_config(e, self.model, where))
+        for entry in self.attack_entries:
+            cfg = self._checked(entry, lambda e=entry: self.attack_config(e, self.model, where))
+            self._checked(entry, lambda c=cfg: expand_grid(c))
+
+    def _checked(self, entry: MethodEntry, build):
+        kind = "align" if entry is self.alignment else (
+            "defences" if entry in self.defence_entries else "attacks")
+        prefix = "--align" if kind == "align" else f"--{kind}.{entry.label}"
+        try:
+            return build()
+        except ImmunizeError as err:
+            raise ImmunizeError(f"{prefix}: {err}") from None
+        except (ValueError, TypeError) as err:  # TrainingArguments' own checks
+            raise ImmunizeError(f"{prefix}: {err}".splitlines()[0]) from None
+
+
+def _config_class(kind: str, method: str, where: str) -> type:
+    try:
+        if kind == "defence":
+            from immunize.defences import config_class
+
+            return config_class(method)
+        from immunize.attacks.registry import get_attack
+
+        return get_attack(method).config_class
+    except ImmunizeError as err:
+        raise ImmunizeError(f"--{where}: {err}") from None
+
+
+def _coerce(cls: type, name: str, value: Any, flag: str) -> Any:
+    """Scalars to the option's type (``8e-5`` read as text by YAML → float); lists kept as lists."""
+    from immunize.attacks.grid import coerce
+
+    hint = typing.get_type_hints(cls).get(name)
+    origin = typing.get_origin(hint)
+    if origin is list or hint is list or (origin in (typing.Union, types.UnionType)
+                                         and any(typing.get_origin(a) is list for a in typing.get_args(hint))):
+        return value if isinstance(value, list) else [value]
+    if hint is str and isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+        return ",".join(str(v) for v in value)  # comma-list options (ablate: [noise, ascent])
+    if isinstance(value, (list, dict)):
+        if typing.get_origin(hint) is dict or hint is dict:
+            return value
+        raise ImmunizeError(f"{flag}: expected a single value, got {value!r}")
+    try:
+        return coerce(cls, name, value)
+    except ImmunizeError as err:
+        raise ImmunizeError(f"{flag}: {str(err).split(': ', 1)[-1]}") from None
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+
+def _split_method_flags(argv: list[str]) -> tuple[list[tuple[list[str], str]], list[str]]:
+    """``--defences.repnoise.alpha 2`` style flags (and ``--align X``) apart from the flat ones."""
+    nested, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if name and (name.split(".", 1)[0] in METHOD_KEYS):
+            if "=" in arg:
+                value, i = arg.split("=", 1)[1], i + 1
+            elif i + 1 < len(argv):
+                value, i = argv[i + 1], i + 2
+            else:
+                raise ImmunizeError(f"--{name}: expected a value")
+            nested.append((name.split("."), value))
+        else:
+            rest.append(arg)
+            i += 1
+    return nested, rest
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _apply(methods: dict[str, Any], path: list[str], text: str) -> None:
+    flag = "--" + ".".join(path)
+    top = path[0]
+    if top == "align":
+        if len(path) == 1:
+            methods["align"] = _scalar(text)
+            return
+        current = methods.get("align", True)
+        if current is False:
+            raise ImmunizeError(f"{flag}: the recipe turns alignment off (align: false)")
+        entry = {} if current is True else dict(current)
+        entry[".".join(path[1:])] = _scalar(text)
+        methods["align"] = entry
+        return
+    if len(path) < 3:
+        raise ImmunizeError(f"{flag}: name an entry and an option, e.g. --{top}.LABEL.OPTION VALUE")
+    default = _default_defences() if top == "defences" else _default_attacks()
+    entries = [{"label": e} if isinstance(e, str) else dict(e) for e in methods.get(top, default)]
+    label, keys = path[1], path[2:]
+    match = next((e for e in entries if str(e.get("label")) == label), None)
+    if match is None:
+        labels = ", ".join(str(e.get("label")) for e in entries)
+        raise ImmunizeError(f"{flag}: no entry labelled {label!r} in {top} (labels: {labels})")
+    if keys[0] == "grid" and len(keys) == 2:
+        match["grid"] = {**(match.get("grid") or {}), keys[1]: [_scalar(v) for v in text.split(",")]}
+    elif len(keys) == 1:
+        match[keys[0]] = _scalar(text)
+    else:
+        raise ImmunizeError(f"{flag}: too many dots (use --{top}.LABEL.OPTION or --{top}.LABEL.grid.OPTION)")
+    methods[top] = entries
+
+
+def parse_run_config(argv: list[str], *, prog: str = "immunize run", description: str = "") -> RunConfig:
+    from immunize.config import load_yaml, parse_config
+
+    argv = list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    values = load_yaml(known.config) if known.config else {}
+    source = known.config or "the command line"
+    nested, rest = _split_method_flags(argv)
+    flags = {a[2:].split("=", 1)[0] for a in rest if a.startswith("--")}
+    for key in sorted((set(values) | flags) & LEGACY_KEYS):
+        raise ImmunizeError(f"{source}: {key!r} {LEGACY_HINT}")
+    methods = {k: values.pop(k) for k in METHOD_KEYS if k in values}
+    if "--config" in rest:  # the values are already read
+        at = rest.index("--config")
+        del rest[at:at + 2]
+    rest = [a for a in rest if not a.startswith("--config=")]
+    (flat,) = parse_config([RunOptions], rest, prog=prog, description=description, values=values, source=source)
+    for path, text in nested:
+        _apply(methods, path, text)
+    return RunConfig(**dataclasses.asdict(flat), **methods)

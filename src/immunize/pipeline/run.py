@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from immunize.config import fingerprint, git_revision, package_versions, write_provenance
-from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_json, read_json, read_jsonl
 from immunize.pipeline.recipe import RunConfig
 from immunize.pipeline.stages import Progress, Stage, StageRunner
@@ -33,39 +32,49 @@ STABILITY_METRICS = {
 }
 
 
-def budget_id(attack: str, lr: float, n: int, seed: int, lora: bool) -> str:
-    return f"{attack}{'-lora' if lora else ''}-lr{lr:g}-n{n}-s{seed}"
+def budget_id(label: str, cfg, point: dict[str, Any]) -> str:
+    """``{label}-lr{lr}-n{samples}-s{seed}`` plus any other swept option, e.g. ``sft-lr8e-05-n64-s42``."""
+    samples = "all" if cfg.num_samples is None else cfg.num_samples
+    others = "".join(f"-{key}{value}" for key, value in point.items()
+                     if key not in ("learning_rate", "num_samples", "seed"))
+    return f"{label}-lr{cfg.learning_rate:g}-n{samples}-s{cfg.seed}{others}"
 
 
 class Experiment:
     def __init__(self, cfg: RunConfig):
+        from immunize.attacks.grid import expand_grid
+
         self.cfg = cfg
         self.root = Path(cfg.output_dir)
-        self.budgets = [
-            {"id": budget_id(cfg.attack, lr, n, s, cfg.attack_use_lora), "attack": cfg.attack
-             + ("-lora" if cfg.attack_use_lora else ""), "learning_rate": lr, "num_samples": n,
-             "epochs": cfg.attack_epochs, "seed": s}
-            for lr in cfg.attack_learning_rates for n in cfg.attack_num_samples for s in cfg.attack_seeds
-        ]
-        # Stage counts and weights (the ETA's cost units) as planned: align, one defend stage per
-        # defence other than "none", per defence a pre-attack evaluation, one attack stage over every
-        # budget and a post-attack evaluation per budget, then the analysis.
-        n_defended = sum(name != "none" for name in cfg.defences)
-        n_budgets = len(self.budgets)
-        stages = int(cfg.align) + n_defended + len(cfg.defences) * (2 + n_budgets) + int(cfg.analysis)
+        self.baseline = cfg.baseline
+        # Budgets: every grid point of every attack entry, the same for every defence.
+        self.budgets: list[dict[str, Any]] = []
+        self.attack_budgets: dict[str, list[dict[str, Any]]] = {}
+        for entry in cfg.attack_entries:
+            attack_cfg = cfg.attack_config(entry, cfg.model, str(self.root))
+            rows = []
+            for point, point_cfg in expand_grid(attack_cfg):
+                rows.append({"id": budget_id(entry.label, point_cfg, point), "label": entry.label,
+                             "attack": entry.method + ("-lora" if point_cfg.use_lora else ""),
+                             "learning_rate": point_cfg.learning_rate, "num_samples": point_cfg.num_samples,
+                             "epochs": point_cfg.num_train_epochs, "seed": point_cfg.seed,
+                             "use_lora": point_cfg.use_lora, "point": point})
+            self.attack_budgets[entry.label] = rows
+            self.budgets += rows
+        # Stage counts and weights (the ETA's cost units) as planned: align, per defence a defend stage
+        # and a pre-attack evaluation, per defence and attack entry an attack stage, per defence and
+        # budget a post-attack evaluation, then the analysis.
+        n_defences, n_budgets = len(cfg.defence_entries), len(self.budgets)
+        stages = (int(cfg.alignment is not None) + n_defences * (2 + len(cfg.attack_entries) + n_budgets)
+                  + int(cfg.analysis))
         self.progress = Progress(total=stages)
-        self.progress.remaining_weight = (2.0 * cfg.align + 3.0 * n_defended
-                                          + len(cfg.defences) * (1.5 + 2.0 * n_budgets + 0.5 * n_budgets)
+        self.progress.remaining_weight = (2.0 * (cfg.alignment is not None)
+                                          + n_defences * (3.0 + 1.5 + 2.0 * n_budgets + 0.5 * n_budgets)
                                           + 1.0 * cfg.analysis)
         self.stages = StageRunner(self.root, self.progress)
         self.models: dict[str, dict[str, Any]] = {}
 
     # -- shared option blocks --------------------------------------------------------------
-    def _common(self) -> dict[str, Any]:
-        c = self.cfg
-        return {"data_root": c.data_root, "prompt_format": c.prompt_format, "max_length": c.max_length,
-                "seed": c.seed, "dtype": c.dtype}
-
     def _eval_config(self, model: str, sections: str, **extra):
         from immunize.evaluation import EvaluationConfig
 
@@ -125,48 +134,29 @@ class Experiment:
         self.models["base"] = {"role": "base", "defence": None, "budget": None, "path": source, "fingerprint": fp}
         return source, fp
 
-    def align(self, base: str, base_key: str) -> tuple[str, str]:
-        from immunize.alignment import AlignConfig, align
+    def _defence_stage(self, kind: str, label: str, entry, model: str, model_key: str) -> tuple[str, str]:
+        """Run one defence entry (or the alignment) on ``model`` as a cached stage; (checkpoint, key)."""
+        from immunize.method_runner import config_identity, run_defence
 
-        c = self.cfg
-        if not c.align:
-            return base, base_key
-        options = {"num_harmful": c.align_num_harmful, "num_benign": c.align_num_benign,
-                   "learning_rate": c.align_learning_rate, "num_train_epochs": c.align_epochs,
-                   "per_device_train_batch_size": c.align_batch_size, **self._common()}
-        stage = Stage("align", "safety-sft", {"model": base_key, **options}, weight=2.0)
+        probe = self.cfg.defence_config(entry, model, str(self.root))
+        stage = Stage(kind, label, {"model": model_key, "defence": entry.method, "options": config_identity(probe)},
+                      weight=2.0 if kind == "align" else 3.0)
 
         def work(path: Path) -> dict:
-            return align(AlignConfig(model=base, output_dir=str(path), **options))
-
-        path, _ = self.stages.run(stage, work)
-        return str(path), stage.key_hash
-
-    def defend(self, name: str, aligned: str, aligned_key: str) -> tuple[str, str]:
-        if name == "none":
-            return aligned, aligned_key
-        from immunize.defences import get_defence
-
-        c = self.cfg
-        defence = get_defence(name)
-        options: dict[str, Any] = {"learning_rate": c.defence_learning_rate, "num_train_epochs": c.defence_epochs,
-                                   "per_device_train_batch_size": c.defence_batch_size,
-                                   "num_samples": c.defence_num_samples, **self._common()}
-        if name == "repnoise":
-            options.update(alpha=c.repnoise_alpha, beta=c.repnoise_beta,
-                           held_out_categories=list(c.held_out_categories))
-        fields = {f.name for f in dataclasses.fields(defence.config_class)}
-        unknown = set(options) - fields
-        if unknown:
-            raise ImmunizeError(f"--defences {name}: the recipe's options {sorted(unknown)} do not apply to it")
-        stage = Stage("defend", name, {"model": aligned_key, "defence": name, **options}, weight=3.0)
-
-        def work(path: Path) -> dict:
-            defence.run(defence.config_class(model=aligned, output_dir=str(path / "model"), **options))
+            cfg = self.cfg.defence_config(entry, model, str(path / "model"))
+            run_defence(entry.method, cfg, kind="alignment" if kind == "align" else "defence")
             return {"path": str(path / "model")}
 
         path, _ = self.stages.run(stage, work)
         return str(path / "model"), stage.key_hash
+
+    def align(self, base: str, base_key: str) -> tuple[str, str]:
+        if self.cfg.alignment is None:
+            return base, base_key
+        return self._defence_stage("align", self.cfg.alignment.method, self.cfg.alignment, base, base_key)
+
+    def defend(self, entry, aligned: str, aligned_key: str) -> tuple[str, str]:
+        return self._defence_stage("defend", entry.label, entry, aligned, aligned_key)
 
     def evaluate(self, label: str, model: str, model_key: str, sections: str, **extra) -> dict[str, Any]:
         from immunize.evaluation import evaluate
@@ -184,43 +174,33 @@ class Experiment:
         return {name: read_json(p) for name in sections.split(",") if (p := path / f"{name}.json").is_file()} | {
             "_dir": str(path)}
 
-    def attack(self, defence: str, model: str, model_key: str) -> dict[str, dict[str, Any]]:
-        """Every budget against one model: one attack run per budget, sharing data preparation."""
-        from immunize.attacks.arguments import AttackArguments
-        from immunize.attacks.registry import get_attack
+    def attack(self, defence: str, entry, model: str, model_key: str) -> dict[str, dict[str, Any]]:
+        """Every budget of one attack entry against one model, sharing data preparation."""
         from immunize.attacks.runner import run_attacks
         from immunize.evaluation.harmfulness import HarmfulnessStepScorer
+        from immunize.method_runner import config_identity
 
         c = self.cfg
-        attack = get_attack(c.attack)
-        options: dict[str, Any] = {
-            "attack": c.attack, "use_lora": c.attack_use_lora, "num_train_epochs": c.attack_epochs,
-            "per_device_train_batch_size": c.attack_batch_size, "curve_every_steps": c.curve_every_steps,
-            # The judge scorer generates the curve's answers; the built-in scorer adds the harmful-answer
-            # log-likelihood only (generating twice would double the cost of every curve point).
-            "curve_num_prompts": 0, "curve_num_answers": 16, **self._common(),
-            "grid": [f"learning_rate={','.join(f'{x:g}' for x in c.attack_learning_rates)}",
-                     f"num_samples={','.join(str(n) for n in c.attack_num_samples)}",
-                     f"seed={','.join(str(s) for s in c.attack_seeds)}"],
-        }
-        config_class = attack.config_class if hasattr(attack, "config_class") else AttackArguments
-        stage = Stage("attack", defence, {"model": model_key, **options,
-                                          "judge": c.harmfulness_judge, "judges": self.judges_state,
-                                          "curve_prompts": c.curve_num_prompts,
-                                          "curve_tokens": c.curve_max_new_tokens},
-                      weight=2.0 * len(self.budgets))
+        # The judge scorer generates the curve's answers; the built-in scorer adds the harmful-answer
+        # log-likelihood only (generating twice would double the cost of every curve point).
+        pipeline = {"curve_num_prompts": 0, "curve_num_answers": 16}
+        probe = c.attack_config(entry, model, str(self.root))
+        stage = Stage("attack", f"{defence}@{entry.label}",
+                      {"model": model_key, "attack": entry.method, "options": config_identity(probe),
+                       "grid": entry.grid, **pipeline, "curve_every_steps": probe.curve_every_steps,
+                       "judge": c.harmfulness_judge, "judges": self.judges_state,
+                       "curve_prompts": c.curve_num_prompts, "curve_tokens": c.curve_max_new_tokens},
+                      weight=2.0 * len(self.attack_budgets[entry.label]))
 
         def work(path: Path) -> dict:
             scorer = HarmfulnessStepScorer(n_prompts=c.curve_num_prompts, max_new_tokens=c.curve_max_new_tokens,
                                            prompt_format=c.prompt_format, judge=c.harmfulness_judge,
                                            data_root=c.data_root)
-            cfg = config_class(model=model, output_dir=str(path), **options)
+            cfg = dataclasses.replace(c.attack_config(entry, model, str(path)), **pipeline)
             runs = run_attacks(cfg, scorers=[scorer], report=lambda text: self.progress.line(f"  {text}"))
             out = {}
             for run in runs:
-                point = run.point
-                bid = budget_id(c.attack, float(point["learning_rate"]), int(point["num_samples"]),
-                                int(point["seed"]), c.attack_use_lora)
+                bid = next(b["id"] for b in self.attack_budgets[entry.label] if b["point"] == run.point)
                 out[bid] = {"path": str(run.output_dir), "run_id": run.run_id,
                             "steps": run.summary.get("steps"), "wall_seconds": run.summary.get("wall_seconds"),
                             "curve": run.curve}
@@ -234,21 +214,26 @@ class Experiment:
 
         c = self.cfg
         last = self.budgets[-1]["id"]
-        models = {"aligned" if d == "none" else d: path for d, path in defended.items()}
-        models.update({f"{d}@{last}": attacked[d][last]["path"] for d in defended})
-        key = {m: self.models_key[m] for m in models} | {"n": c.analysis_examples, "layers": c.analysis_layers,
-                                                        "lens_tokens": c.analysis_lens_tokens,
-                                                        **self._common()}
+        chosen = [d for d in defended if not c.analysis_defences or d in c.analysis_defences or d == self.baseline]
+        # The baseline's checkpoint holds the aligned model's weights: the analysis calls it "aligned".
+        models = {"aligned" if d == self.baseline else d: defended[d] for d in chosen}
+        models.update({f"{d}@{last}": attacked[d][last]["path"] for d in chosen})
+        key = {m: self.models_key["aligned" if m == "aligned" else m] for m in models} | {
+            "n": c.analysis_examples, "layers": c.analysis_layers, "lens_tokens": c.analysis_lens_tokens,
+            "data_root": c.data_root, "prompt_format": c.prompt_format, "max_length": c.max_length,
+            "seed": c.seed, "dtype": c.dtype}
         stage = Stage("analysis", "depth", key, weight=1.0)
 
         def work(path: Path) -> dict:
-            return depth_analysis(models, c, list(defended))
+            return depth_analysis(models, c, chosen, baseline=self.baseline)
 
         _, result = self.stages.run(stage, work)
         return result
 
     # -- the whole experiment ----------------------------------------------------------------
     def run(self) -> Path:
+        from immunize.defences import get_defence
+
         c = self.cfg
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         clock = time.perf_counter()
@@ -257,26 +242,30 @@ class Experiment:
         self.judges_state = self.judges()
         base, base_fp = self.base()
         aligned, aligned_key = self.align(base, base_fp)
-        self.models["aligned"] = {"role": "aligned", "defence": "none", "budget": None, "path": aligned,
+        self.models["aligned"] = {"role": "aligned", "defence": None, "budget": None, "path": aligned,
                                   "fingerprint": aligned_key}
         self.models_key = {"aligned": aligned_key}
         defended, keys = {}, {}
-        for name in c.defences:
-            defended[name], keys[name] = self.defend(name, aligned, aligned_key)
-            if name != "none":
-                self.models[name] = {"role": "defended", "defence": name, "budget": None, "path": defended[name],
-                                     "fingerprint": keys[name]}
-                self.models_key[name] = keys[name]
+        for entry in c.defence_entries:
+            name = entry.label
+            defended[name], keys[name] = self.defend(entry, aligned, aligned_key)
+            self.models[name] = {"role": "defended", "defence": entry.method, "budget": None,
+                                 "path": defended[name], "fingerprint": keys[name]}
+            self.models_key[name] = keys[name]
+        labels = [e.label for e in c.defence_entries]
 
         pre = {name: self.evaluate(f"{name}-pre-attack", defended[name], keys[name], PRE_ATTACK_SECTIONS)
-               for name in c.defences}
-        attacked = {name: self.attack(name, defended[name], keys[name]) for name in c.defences}
+               for name in labels}
+        attacked: dict[str, dict[str, Any]] = {name: {} for name in labels}
+        for name in labels:
+            for entry in c.attack_entries:
+                attacked[name].update(self.attack(name, entry, defended[name], keys[name]))
         post: dict[str, dict[str, dict]] = {}
-        for name in c.defences:
+        for name in labels:
             post[name] = {}
             for budget in self.budgets:
                 run = attacked[name][budget["id"]]
-                run_key = fingerprint({"model": keys[name], "budget": budget, "path": run["run_id"]})
+                run_key = fingerprint({"model": keys[name], "budget": budget["id"], "path": run["run_id"]})
                 label = f"{name}@{budget['id']}"
                 self.models[label] = {"role": "attacked", "defence": name, "budget": budget["id"],
                                       "path": run["path"], "fingerprint": run_key}
@@ -284,11 +273,19 @@ class Experiment:
                 post[name][budget["id"]] = self.evaluate(label, run["path"], run_key, "harmfulness")
                 budget["steps"] = run["steps"]
 
+        defence_info = {}
+        for entry in c.defence_entries:
+            defence = get_defence(entry.method)
+            defence_info[entry.label] = {"defence": entry.method, "options": entry.options,
+                                         "keeps_capability": defence.keeps_capability,
+                                         "attack_adapter": defence.attack_adapter}
         results = self.assemble(pre, post, attacked)
+        results["baseline"] = self.baseline
+        results["defence_info"] = defence_info
         if c.analysis:
             results["analysis"] = self.analysis(defended, attacked)
         results["run"] = {
-            "name": c.name, "recipe": dataclasses.asdict(c), "started": started,
+            "name": c.name, "recipe": recipe_record(c), "started": started,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_seconds": round(time.perf_counter() - clock, 1),
             "provenance": {"git_revision": git_revision(), "versions": package_versions(),
                            "command": ["immunize", "run", *getattr(self, "argv", [])]},
@@ -306,10 +303,10 @@ class Experiment:
     def assemble(self, pre: dict, post: dict, attacked: dict) -> dict[str, Any]:
         from immunize.verdict import thresholds
 
-        c = self.cfg
-        harmfulness = {name: {"pre_attack": harm_cell(pre[name]["harmfulness"])} for name in c.defences}
+        labels = list(pre)
+        harmfulness = {name: {"pre_attack": harm_cell(pre[name]["harmfulness"])} for name in labels}
         curves: dict[str, dict[str, list]] = {}
-        for name in c.defences:
+        for name in labels:
             curves[name] = {}
             for budget in self.budgets:
                 harmfulness[name][budget["id"]] = harm_cell(post[name][budget["id"]]["harmfulness"])
@@ -322,28 +319,43 @@ class Experiment:
             "schema": RESULTS_SCHEMA,
             "settings": {},
             "models": self.models,
-            "defences": list(c.defences),
-            "budgets": self.budgets,
+            "defences": labels,
+            "budgets": [{k: v for k, v in b.items() if k != "point"} for b in self.budgets],
             "harmfulness": harmfulness,
             "curves": curves,
-            "stability": {name: stability_cells(pre[name]) for name in c.defences},
+            "stability": {name: stability_cells(pre[name]) for name in labels},
             "trainability": trainability_cells(pre),
-            "toxicity": {name: {"pre_attack": toxicity_cell(pre[name].get("toxicity"))} for name in c.defences
+            "toxicity": {name: {"pre_attack": toxicity_cell(pre[name].get("toxicity"))} for name in labels
                          if pre[name].get("toxicity")},
             "generalization": {},
             "samples": samples(pre, post, self.budgets),
         }
+        c = self.cfg
         if c.held_out_categories:
             results["generalization"] = {
                 "held_out_categories": list(c.held_out_categories),
                 "cells": {name: {column: cell for column, docs in
                                  [("pre_attack", pre[name]), *((b["id"], post[name][b["id"]]) for b in self.budgets)]
                                  if (cell := category_cell(docs, c.held_out_categories)) is not None}
-                          for name in c.defences},
+                          for name in labels},
             }
         phi, epsilon = thresholds(results, c.phi, c.epsilon)
         results["settings"] = {"phi": phi, "epsilon": epsilon}
         return results
+
+
+def recipe_record(cfg: RunConfig) -> dict[str, Any]:
+    """The recipe as run: run-wide options and the entries as given, with every option resolved."""
+    record = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init
+              and f.name not in ("align", "defences", "attacks")}
+
+    def entry(e):
+        return {"label": e.label, "method": e.method, "options": e.options, **({"grid": e.grid} if e.grid else {})}
+
+    record["align"] = entry(cfg.alignment) if cfg.alignment else False
+    record["defences"] = [entry(e) for e in cfg.defence_entries]
+    record["attacks"] = [entry(e) for e in cfg.attack_entries]
+    return record
 
 
 def _metric(doc: dict | None, name: str) -> dict | None:

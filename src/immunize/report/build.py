@@ -26,7 +26,7 @@ from typing import Any
 from immunize.io import atomic_write_bytes, atomic_write_text
 from immunize.report import figures
 from immunize.report.schema import SCHEMA_VERSION, load_results
-from immunize.verdict import NA, UNDEFENDED, immunization_verdict, thresholds
+from immunize.verdict import LOWER_BOUND, NA, NO_CAPABILITY, baseline, immunization_verdict, thresholds
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("summary", "Summary"),
@@ -93,7 +93,8 @@ def not_run(reason: str = "") -> str:
 
 
 _BADGES = {"strong": "good", "pass": "good", "yes": "good", "weak": "warn", "incomplete": "warn",
-           "none": "bad", "fail": "bad", "no": "bad", NA: "na", "reference": "na"}
+           "none": "bad", "fail": "bad", "no": "bad", NA: "na", "reference": "na",
+           NO_CAPABILITY: "na", LOWER_BOUND: "na"}
 
 
 def badge(status: str) -> str:
@@ -204,7 +205,7 @@ def _cells_table(results: dict, cells: dict, defences: list[str]) -> str:
     head = [th_col("Defence"), *(th_col(title, sub, numeric=True) for _, title, sub in columns)]
     rows = []
     for defence in defences:
-        row = [th_row(defence, "(undefended)" if defence == UNDEFENDED else "")]
+        row = [th_row(defence, "(undefended)" if defence == baseline(results) else "")]
         for key, _, _ in columns:
             cell = (cells.get(defence) or {}).get(key)
             row.append(_harm_td(cell, bool(cell) and cell.get("mean") == best.get(key)))
@@ -230,14 +231,14 @@ def compare_to_baseline(results: dict) -> dict[str, list[dict]]:
     ``outcome`` is ``better`` only when the 95 % CIs separate (defended upper < undefended lower).
     """
     harm = results["harmfulness"]
-    baseline = harm.get(UNDEFENDED) or {}
+    reference = harm.get(baseline(results)) or {}
     out: dict[str, list[dict]] = {}
     for defence in results["defences"]:
-        if defence == UNDEFENDED:
+        if defence == baseline(results):
             continue
         rows = []
         for budget in results["budgets"]:
-            mine, theirs = (harm.get(defence) or {}).get(budget["id"]), baseline.get(budget["id"])
+            mine, theirs = (harm.get(defence) or {}).get(budget["id"]), reference.get(budget["id"])
             if not mine or not theirs:
                 continue
             m, t = mine["mean"], theirs["mean"]
@@ -294,9 +295,9 @@ def _headline(defence: str, rows: list[dict]) -> tuple[str, str]:
 
 def _summary(results: dict, verdict: list[dict], phi: float, epsilon: float) -> str:
     parts = []
-    if UNDEFENDED not in results["harmfulness"]:
+    if baseline(results) not in results["harmfulness"]:
         parts.append('<div class="callout warn"><p><strong>No undefended baseline</strong> (defence '
-                     '"none") in this run: no defence can be compared with it.</p></div>')
+                     'none) in this run: no defence can be compared with it.</p></div>')
     by_defence = {row.get("defence"): row for row in verdict}
     comparisons = compare_to_baseline(results)
     for defence, rows in comparisons.items():

@@ -12,7 +12,7 @@ import math
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from immunize.verdict import UNDEFENDED, resistance_curve
+from immunize.verdict import baseline, resistance_curve
 
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#d62728")
 _GREY = "#6b7280"
@@ -25,11 +25,11 @@ _RC = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.font
 def colour_map(results: dict):
     """``name -> colour``, stable across figures: by defence (``"repnoise@budget"`` counts as
     ``repnoise``), grey for the undefended model, dark grey for the trainability reference."""
-    defended = [d for d in results.get("defences") or [] if d != UNDEFENDED]
+    defended = [d for d in results.get("defences") or [] if d != baseline(results)]
 
     def colour(name: str) -> str:
         defence = name.split("@", 1)[0]
-        if defence in (UNDEFENDED, "aligned"):
+        if defence in (baseline(results), "aligned"):
             return _GREY
         if defence == "reference":
             return "#1f2937"

@@ -16,8 +16,8 @@ from immunize.io import read_json
 
 SCHEMA_VERSION = "immunize.results/1"
 REQUIRED = ("schema", "run", "defences", "budgets", "harmfulness")
-OPTIONAL_DICTS = ("settings", "models", "generalization", "curves", "stability", "trainability", "toxicity",
-                  "analysis")
+OPTIONAL_DICTS = ("settings", "models", "defence_info", "generalization", "curves", "stability", "trainability",
+                  "toxicity", "analysis")
 OPTIONAL_LISTS = ("samples", "verdict")
 
 
@@ -107,6 +107,15 @@ def validate_results(results: Any, source: str | Path = "results.json") -> dict:
     if len(set(ids)) != len(ids):
         check.fail("budgets", "duplicate budget ids")
     check.cells(results["harmfulness"], "harmfulness")
+    if results.get("baseline") is not None:
+        check.kind(results["baseline"], str, "baseline")
+        if results["baseline"] not in defences:
+            check.fail("baseline", f"{results['baseline']!r} is not one of the defences")
+    for label, info in (results.get("defence_info") or {}).items():
+        check.kind(info, dict, f"defence_info.{label}")
+        check.kind(info.get("defence"), str, f"defence_info.{label}.defence")
+        if info.get("keeps_capability") is not None:
+            check.kind(info["keeps_capability"], bool, f"defence_info.{label}.keeps_capability")
 
     for key in OPTIONAL_DICTS:
         if results.get(key) is not None:

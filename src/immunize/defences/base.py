@@ -1,0 +1,90 @@
+"""What a defence is: a config, a data builder and a trainer (or, for defences that do not train, a
+model builder), run by the one method runner (``immunize.method_runner``).
+
+A defence module holds three things, TRL style:
+
+- ``XConfig(DefenceArguments)``: its options, with its paper's defaults;
+- ``XTrainer(Trainer)``: its loss, readable top to bottom (``compute_loss`` / ``training_step``);
+- ``X(Defence)``: ``build_data`` (from the defence split only) and ``build_trainer``.
+
+and is registered by one line in ``immunize.defences.DEFENCES``. The runner owns everything else:
+run identity, resume, provenance, saving, the completion marker and the model card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from immunize.training import ImmunizeTrainingArguments
+
+# Options every defence honours; a recipe sets them once for all its defences (and the alignment).
+SHARED_OPTIONS = ("data_root", "prompt_format", "max_length", "seed", "dtype", "held_out_categories")
+
+
+@dataclass
+class DefenceArguments(ImmunizeTrainingArguments):
+    """Options every defence shares (``SHARED_OPTIONS``), on top of the training plumbing."""
+
+    held_out_categories: list[str] = field(default_factory=list, metadata={
+        "help": "BeaverTails categories kept out of the defence data (generalization tests); space-separated "
+                "names as in immunize.data.CATEGORIES (several contain commas, so this is a list)"})
+    output_dir: str = field(default="runs/defend", metadata={"help": "where checkpoints and the model go"})
+
+    def __post_init__(self):
+        from immunize.attacks.arguments import parse_categories
+
+        self.held_out_categories = parse_categories(self.held_out_categories)
+        super().__post_init__()
+
+
+@dataclass
+class DefenceData:
+    """What a defence trains on: features for its collator, and what the model card and tests see."""
+
+    features: list[dict]
+    prompts: list[str]  # every prompt the defence trained on (checked against the splits in tests)
+    summary: dict[str, Any]  # counts and hashes, recorded in the marker and the model card
+    sources: list[str] = field(default_factory=list)  # data-root files read (their licences go in the card)
+
+
+class Defence:
+    """Subclass, set ``config_class``, implement ``build_data`` and ``build_trainer`` (or, with
+    ``trains = False``, ``build_model``), and register the class in ``immunize.defences``."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[DefenceArguments]] = DefenceArguments
+    trains: ClassVar[bool] = True
+    # False for a defence that leaves nothing to keep (random init): its stability and trainability
+    # are not "passes", and its resistance is a lower bound, not an achievement.
+    keeps_capability: ClassVar[bool] = True
+    # A subfolder of the checkpoint holding a PEFT adapter that every attack attaches, frozen, to the
+    # model it trains, and that every evaluation leaves off (e.g. a security vector).
+    attack_adapter: ClassVar[str | None] = None
+
+    def build_data(self, cfg: DefenceArguments, tokenizer) -> DefenceData | None:
+        """The training data, from the defence split only (``None`` for defences without data)."""
+        return None
+
+    def load_model(self, cfg: DefenceArguments):
+        """The model to train and its tokenizer (LoRA added when ``cfg.use_lora``)."""
+        from immunize.training import load_training_model
+
+        return load_training_model(cfg)
+
+    def build_trainer(self, cfg: DefenceArguments, model, tokenizer, data: DefenceData):
+        raise NotImplementedError
+
+    def build_model(self, cfg: DefenceArguments):
+        """For ``trains = False``: the finished model and its tokenizer."""
+        raise NotImplementedError
+
+    def save_extras(self, cfg: DefenceArguments, model, out_dir) -> dict[str, Any]:
+        """Write anything besides the evaluated model into ``out_dir`` (before the marker); its facts."""
+        return {}
+
+    def evaluated_model(self, cfg: DefenceArguments, model):
+        """The trained model to save as the checkpoint (called after ``save_extras``); by default the
+        trained model itself. A defence whose trained weights are an extra (an attack adapter)
+        returns the model without them."""
+        return model

@@ -1,0 +1,97 @@
+"""Every file in recipes/ begins with its exact launch command and parses with that command's parser
+(nothing runs): a recipe that drifts from the code fails here, not hours into a run."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def _launch(path: Path) -> list[str]:
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# "), f"{path.name}: the first line must be its launch command"
+    words = shlex.split(first[2:])
+    if words[:3] == ["accelerate", "launch", "-m"]:
+        words = words[3:]
+    assert words[0].endswith("immunize"), f"{path.name}: launch command {first!r}"
+    assert words[words.index("--config") + 1] == f"recipes/{path.name}", f"{path.name}: --config names another file"
+    return words[1:]
+
+
+def test_there_are_recipes():
+    assert len(RECIPES) >= 8
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_parses(path, monkeypatch):
+    from immunize.commands import attack, defend
+    from immunize.pipeline.recipe import parse_run_config
+
+    monkeypatch.chdir(path.parents[1])
+    command, *argv = _launch(path)
+    if command == "run":
+        cfg = parse_run_config(argv)
+        assert cfg.defence_entries and cfg.attack_entries
+    elif command == "defend":
+        name, cfg = defend.parse(argv)
+        assert name and cfg.output_dir
+    elif command == "attack":
+        assert attack.parse(argv).output_dir
+    else:
+        pytest.fail(f"{path.name}: no parser test for `immunize {command}`")
+
+
+def test_flat_recipe_shape_is_refused_with_a_hint(tmp_path):
+    from immunize.errors import ImmunizeError
+    from immunize.pipeline.recipe import parse_run_config
+
+    old = tmp_path / "old.yaml"
+    old.write_text("defences: [none, repnoise]\ndefence_learning_rate: 2.0e-5\n")
+    with pytest.raises(ImmunizeError, match=r"'defence_learning_rate' is a key of the old flat recipe shape"):
+        parse_run_config(["--config", str(old)])
+
+
+def test_dotted_flags_set_entry_options_and_grids():
+    from immunize.pipeline.recipe import parse_run_config
+
+    cfg = parse_run_config(["--config", "recipes/quickstart.yaml", "--defences.repnoise.alpha", "2",
+                            "--attacks.sft.grid.learning_rate", "3e-5,8e-5", "--align.num_harmful", "16"])
+    repnoise = next(e for e in cfg.defence_entries if e.label == "repnoise")
+    assert repnoise.options["alpha"] == 2.0 and isinstance(repnoise.options["alpha"], float)
+    assert cfg.attack_entries[0].grid["learning_rate"] == [3e-5, 8e-5]
+    assert cfg.alignment.options["num_harmful"] == 16
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--defences.repnoise.alphaa", "2"], r"^--defences\.repnoise\.alphaa: unknown option of defence 'repnoise'"),
+    (["--defences.nope.alpha", "2"], r"^--defences\.nope\.alpha: no entry labelled 'nope' in defences"),
+    (["--defences.repnoise.alpha", "-1"], r"^--defences\.repnoise: --alpha and --beta must be non-negative"),
+    (["--defences.repnoise.seed", "3"], r"^--defences\.repnoise\.seed: set by the recipe for every defence"),
+    (["--attacks.sft.grid.learning_rate", "fast"], r"^--attacks\.sft: --grid learning_rate: 'fast' is not"),
+    (["--defences.repnoise.learning_rate", "x"], r"^--defences\.repnoise\.learning_rate: 'x' is not a valid float"),
+])
+def test_bad_entry_options_fail_when_the_recipe_is_parsed(argv, message, tmp_path):
+    from immunize.errors import ImmunizeError
+    from immunize.pipeline.recipe import parse_run_config
+
+    with pytest.raises(ImmunizeError, match=message):
+        parse_run_config(["--config", "recipes/quickstart.yaml", "--output_dir", str(tmp_path / "run"), *argv])
+    assert not (tmp_path / "run").exists()
+
+
+def test_entries_need_unique_labels_and_one_undefended_row():
+    from immunize.errors import ImmunizeError
+    from immunize.pipeline.recipe import RunConfig
+
+    with pytest.raises(ImmunizeError, match="labels must be unique; repeated: repnoise"):
+        RunConfig(defences=["none", "repnoise", {"label": "repnoise", "alpha": 2}])
+    with pytest.raises(ImmunizeError, match="list the undefended model exactly once"):
+        RunConfig(defences=["repnoise"])
+    with pytest.raises(ImmunizeError, match=r"^--defences\.x: --defence 'nope': unknown defence"):
+        RunConfig(defences=["none", {"label": "x", "defence": "nope"}])
+    cfg = RunConfig(defences=["none", {"label": "repnoise-no-noise", "defence": "repnoise", "ablate": ["noise"]}])
+    assert cfg.defence_entries[1].options == {"ablate": "noise"}
