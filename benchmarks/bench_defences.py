@@ -25,7 +25,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import TrainerCallback  # noqa: E402
+from transformers import TrainerCallback
 
 
 class StepClock(TrainerCallback):

@@ -226,7 +226,12 @@ class RunConfig(RunOptions):
                 raise ImmunizeError(f"--{where}.grid: expected a mapping of option → list of values")
             from immunize.attacks.grid import parse_grid
 
-            parsed_grid = parse_grid({k: v if isinstance(v, list) else [v] for k, v in grid.items()})
+            raw_grid = parse_grid({k: v if isinstance(v, list) else [v] for k, v in grid.items()})
+            for name, values in raw_grid.items():
+                if name not in fields:
+                    raise ImmunizeError(f"--{where}.grid.{name}: unknown option of attack {method!r}")
+                # Typed now, so a grid read from YAML or from a flag is the same grid (and stage key).
+                parsed_grid[name] = [_coerce(cls, name, v, f"--{where}.grid.{name}") for v in values]
         return MethodEntry(label=label, method=method, options=options, grid=parsed_grid)
 
     # -- method configs (built here to validate, and by the pipeline to run) ----------------------

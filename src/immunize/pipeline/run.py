@@ -139,7 +139,9 @@ class Experiment:
         from immunize.method_runner import config_identity, run_defence
 
         probe = self.cfg.defence_config(entry, model, str(self.root))
-        stage = Stage(kind, label, {"model": model_key, "defence": entry.method, "options": config_identity(probe)},
+        # The identity leaves paths out (the runner hashes what they hold); a stage key must not.
+        stage = Stage(kind, label, {"model": model_key, "defence": entry.method, "options": config_identity(probe),
+                                    "data_root": self.cfg.data_root},
                       weight=2.0 if kind == "align" else 3.0)
 
         def work(path: Path) -> dict:
@@ -187,7 +189,8 @@ class Experiment:
         probe = c.attack_config(entry, model, str(self.root))
         stage = Stage("attack", f"{defence}@{entry.label}",
                       {"model": model_key, "attack": entry.method, "options": config_identity(probe),
-                       "grid": entry.grid, **pipeline, "curve_every_steps": probe.curve_every_steps,
+                       "data_root": c.data_root, "grid": entry.grid, **pipeline,
+                       "curve_every_steps": probe.curve_every_steps,
                        "judge": c.harmfulness_judge, "judges": self.judges_state,
                        "curve_prompts": c.curve_num_prompts, "curve_tokens": c.curve_max_new_tokens},
                       weight=2.0 * len(self.attack_budgets[entry.label]))
