@@ -744,3 +744,35 @@ def test_named_configurations_pickle_into_checkpoints(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "args.pkl")], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["RepNoiseConfig_gradient_ascent", "log"]
+
+
+@pytest.mark.parametrize(("name", "loss", "ascent"), [
+    ("gradient-ascent", 3.1694756, 4.7985544),   # 4.7377901 − log(4.7985544), read through every layer
+    ("adversarial-loss", 4.2629762, 4.7481408),  # 4.7377901 − 0.1 · 4.7481408, at the output only
+])
+def test_golden_baseline_losses(features, name, loss, ascent, tmp_path):
+    cfg = defence_config(name, output_dir=str(tmp_path / "x"), use_cpu=True, report_to="none")
+    got, terms, _ = repnoise_loss(tiny_model("llama"), PairedCollator(0)(features), cfg.loss_options())
+    assert terms.noise is None and terms.stability.item() == pytest.approx(4.7377901, abs=1e-5)
+    assert terms.ascent.item() == pytest.approx(ascent, abs=1e-5)
+    assert got.item() == pytest.approx(loss, abs=1e-5)
+
+
+@pytest.mark.parametrize(("name", "alpha"), [("gradient-ascent", 8.0), ("adversarial-loss", 2.0)])
+def test_baselines_raise_the_harmful_loss_and_lower_the_refusal_loss(tmp_path, tokenizer, name, alpha):
+    """Their own objectives, in a few steps: the harmful answers get less likely, the refusals more.
+    (As for RepNoise, a random model needs a strong α for the ascent to beat what the refusal CE
+    also teaches it.)"""
+    pairs = _training_pairs()
+    model = tiny_model("llama")
+    harmful_before, refusal_before = _answer_losses(model, tokenizer, pairs)
+    options = dict(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", disable_tqdm=True,
+                   per_device_train_batch_size=4, max_length=MAX_LENGTH, save_steps=1000, seed=7,
+                   learning_rate=3e-3, max_steps=8, lr_scheduler_type="constant", warmup_steps=0, alpha=alpha)
+    trainer = _trainer(defence_config(name, **options), model, tokenizer, pairs)
+    trainer.train()
+    harmful_after, refusal_after = _answer_losses(model, tokenizer, pairs)
+    assert harmful_after > harmful_before + 0.1
+    assert refusal_after < refusal_before - 0.1
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert {"stability", "ascent"} <= logged[0].keys() and "noise" not in logged[0]
