@@ -69,13 +69,26 @@ def parse_config(types: Sequence[type], argv: Sequence[str] | None, *, prog: str
         unknown = sorted(set(values) - allowed)
         if unknown:
             raise ImmunizeError(f"{source}: unknown option(s) {', '.join(unknown)} for `{prog}`")
-        parser.set_defaults(**values)
+        parser.set_defaults(**_comma_lists(types, values))
     try:
         parsed = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
     except (ValueError, TypeError) as err:
         raise ImmunizeError(f"{prog}: invalid option value: {err}") from None
     # HfArgumentParser appends the namespace of extra arguments (our --config) last.
     return tuple(p for p in parsed if dataclasses.is_dataclass(p))
+
+
+def _comma_lists(types: Sequence[type], values: dict[str, Any]) -> dict[str, Any]:
+    """YAML lists given to comma-list text options (``ablate: [noise, ascent]``) as that text."""
+    import typing
+
+    hints: dict[str, Any] = {}
+    for t in types:
+        hints.update(typing.get_type_hints(t))
+    return {key: ",".join(str(v) for v in value)
+            if hints.get(key) is str and isinstance(value, list)
+            and all(isinstance(v, (str, int, float)) for v in value) else value
+            for key, value in values.items()}
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

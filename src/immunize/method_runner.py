@@ -25,7 +25,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from immunize.config import config_to_dict, write_provenance
+from immunize.config import write_provenance
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_json, atomic_write_text, read_json
 
@@ -82,17 +82,50 @@ def _plain(value: Any) -> Any:
 
 
 def config_identity(cfg: Any, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """Every init field of ``cfg`` but ``NOT_IDENTITY`` (and ``exclude``), as plain JSON values."""
-    resolved = config_to_dict(cfg)
+    """Every init field of ``cfg`` but ``NOT_IDENTITY`` (and ``exclude``), as plain JSON values.
+
+    Values are read from the config itself (``to_dict`` masks ``*_token`` fields, which would hide a
+    changed ``pad_token``); whole numbers given as floats count as the same value (YAML's ``1``
+    and a flag's ``1.0`` are one epoch)."""
     names = [f.name for f in dataclasses.fields(cfg) if f.init]
     skip = NOT_IDENTITY | exclude
-    return {name: _plain(resolved.get(name, getattr(cfg, name, None))) for name in sorted(names)
-            if name not in skip}
+    return {name: _number(_plain(getattr(cfg, name, None))) for name in sorted(names) if name not in skip}
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+_SOURCE_FIELDS = ("qa_source", "eval_source", "toxicity_source", "hh_source")
+
+
+def data_identity(cfg: Any) -> dict[str, Any]:
+    """What the data options point at, by content: the data pack's MANIFEST (it lists every file's
+    sha256) and each source option (a local file by its hash, a hub id by name)."""
+    from immunize.io import file_sha256
+    from immunize.paths import data_root as resolve_root
+
+    root = resolve_root(getattr(cfg, "data_root", None), must_exist=False)
+    manifest = Path(root) / "MANIFEST.json"
+    out: dict[str, Any] = {"data_root": file_sha256(manifest) if manifest.is_file() else str(root)}
+    for name in _SOURCE_FIELDS:
+        value = getattr(cfg, name, None)
+        if value:
+            out[name] = file_sha256(value) if Path(value).is_file() else str(value)
+    return out
 
 
 def method_identity(method: str, cfg: Any, model_fingerprint: str, data_sha256: str | None) -> dict[str, Any]:
+    """The identity of a run: the method, what it starts from, its data, every option, and the two
+    facts of the machine that change the numbers (the resolved dtype, the number of processes)."""
+    from immunize.models import choose_device, choose_dtype
+
+    dtype = choose_dtype(getattr(cfg, "dtype", "auto"), choose_device("cpu" if cfg.use_cpu else None))
     return {"method": method, "model_fingerprint": model_fingerprint, "data_sha256": data_sha256,
-            "options": config_identity(cfg)}
+            "data": data_identity(cfg), "dtype": str(dtype).removeprefix("torch."),
+            "world_size": cfg.world_size, "options": config_identity(cfg)}
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

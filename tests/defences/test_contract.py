@@ -119,3 +119,24 @@ def test_every_registered_defence_has_help_and_a_config_with_the_shared_options(
         assert entry.help
         fields = {f.name for f in dataclasses.fields(config_class(entry.name))}
         assert set(SHARED_OPTIONS) <= fields, entry.name
+
+
+def test_identity_is_stable_across_copies_and_json_and_counts_data_and_dtype(tmp_path):
+    """The identity of the same config is the same however it was built; 1 and 1.0 epochs are one."""
+    import dataclasses
+    import json
+
+    from immunize.attacks.arguments import ReversedPreferenceArguments
+    from immunize.config import fingerprint
+    from immunize.method_runner import config_identity, method_identity
+
+    cfg = defence_config("repnoise", output_dir=str(tmp_path / "a"), use_cpu=True, report_to="none")
+    again = dataclasses.replace(cfg, output_dir=str(tmp_path / "b"), logging_steps=5)
+    assert config_identity(cfg) == config_identity(again) == json.loads(json.dumps(config_identity(cfg)))
+    assert fingerprint(config_identity(defence_config("repnoise", num_train_epochs=1, output_dir="x"))) == \
+        fingerprint(config_identity(defence_config("repnoise", num_train_epochs=1.0, output_dir="x")))
+    dpo = ReversedPreferenceArguments(output_dir=str(tmp_path / "d"), use_cpu=True)
+    assert config_identity(dpo) == config_identity(dataclasses.replace(dpo))
+    assert config_identity(dataclasses.replace(dpo, pad_token="<x>")) != config_identity(dpo)
+    full = method_identity("repnoise", cfg, "abc", "def")
+    assert full["dtype"] == "float32" and full["world_size"] == 1 and "data_root" in full["data"]

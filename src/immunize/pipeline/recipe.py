@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from immunize.defences.base import SHARED_OPTIONS
 from immunize.errors import ImmunizeError
 from immunize.models.aliases import DEFAULT_MODEL
 from immunize.prompts import check_format
@@ -43,8 +44,8 @@ from immunize.prompts import check_format
 METHOD_KEYS = ("align", "defences", "attacks")
 # Shared by every defence (immunize.defences.base.SHARED_OPTIONS) and, but for the categories (a
 # cross-domain *attack* option there), by every attack.
-SHARED_DEFENCE_OPTIONS = ("data_root", "prompt_format", "max_length", "seed", "dtype", "held_out_categories")
-SHARED_ATTACK_OPTIONS = ("data_root", "prompt_format", "max_length", "seed", "dtype")
+SHARED_DEFENCE_OPTIONS = SHARED_OPTIONS
+SHARED_ATTACK_OPTIONS = tuple(name for name in SHARED_OPTIONS if name != "held_out_categories")
 # The pipeline sets these on every attack: it scores the curve with its own judge.
 PIPELINE_ATTACK_OPTIONS = ("curve_num_prompts", "curve_num_answers", "output_dir", "model", "attack", "grid")
 LEGACY_KEYS = frozenset({
@@ -197,14 +198,17 @@ class RunConfig(RunOptions):
             raise ImmunizeError(f"--{key}: each entry needs a label, e.g. {{label: NAME}}; got {raw!r}")
         raw = dict(raw)
         label = str(raw.pop("label"))
-        if not all(c.isalnum() or c in "-_." for c in label):
-            raise ImmunizeError(f"--{key}.{label}: labels may hold letters, digits, '-', '_' and '.' only")
+        if not label or not all(c.isalnum() or c in "-_" for c in label):
+            # No dots: a dotted flag (--defences.LABEL.OPTION) must find its entry.
+            raise ImmunizeError(f"--{key}: label {label!r} may hold letters, digits, '-' and '_' only")
         where = key if alignment else f"{key}.{label}"
         method = str(raw.pop(kind, label))
         grid = raw.pop("grid", None) if kind == "attack" else None
         cls = _config_class(kind, method, where)
         shared = SHARED_DEFENCE_OPTIONS if kind == "defence" else SHARED_ATTACK_OPTIONS
-        reserved = shared if kind == "defence" else (*shared, *PIPELINE_ATTACK_OPTIONS)
+        # The pipeline places each stage's model and output; data sources are the recipe's, for all.
+        reserved = ((*shared, "model", "output_dir") if kind == "defence"
+                    else (*shared, *PIPELINE_ATTACK_OPTIONS, "qa_source", "eval_source"))
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         options = {}
         for name, value in raw.items():
@@ -307,7 +311,9 @@ def _coerce(cls: type, name: str, value: Any, flag: str) -> Any:
     if hint is str and isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
         return ",".join(str(v) for v in value)  # comma-list options (ablate: [noise, ascent])
     if isinstance(value, (list, dict)):
-        if typing.get_origin(hint) is dict or hint is dict:
+        dict_typed = hint is dict or origin is dict or any(
+            a is dict or typing.get_origin(a) is dict for a in typing.get_args(hint))
+        if isinstance(value, dict) and dict_typed:
             return value
         raise ImmunizeError(f"{flag}: expected a single value, got {value!r}")
     try:

@@ -37,7 +37,7 @@ def budget_id(label: str, cfg, point: dict[str, Any]) -> str:
     samples = "all" if cfg.num_samples is None else cfg.num_samples
     others = "".join(f"-{key}{value}" for key, value in point.items()
                      if key not in ("learning_rate", "num_samples", "seed"))
-    return f"{label}-lr{cfg.learning_rate:g}-n{samples}-s{cfg.seed}{others}"
+    return f"{label}-lr{cfg.learning_rate:.10g}-n{samples}-s{cfg.seed}{others}"
 
 
 class Experiment:
@@ -136,12 +136,12 @@ class Experiment:
 
     def _defence_stage(self, kind: str, label: str, entry, model: str, model_key: str) -> tuple[str, str]:
         """Run one defence entry (or the alignment) on ``model`` as a cached stage; (checkpoint, key)."""
-        from immunize.method_runner import config_identity, run_defence
+        from immunize.method_runner import config_identity, data_identity, run_defence
 
         probe = self.cfg.defence_config(entry, model, str(self.root))
-        # The identity leaves paths out (the runner hashes what they hold); a stage key must not.
+        # The identity leaves paths out; the stage key holds what they point at.
         stage = Stage(kind, label, {"model": model_key, "defence": entry.method, "options": config_identity(probe),
-                                    "data_root": self.cfg.data_root},
+                                    "data": data_identity(probe)},
                       weight=2.0 if kind == "align" else 3.0)
 
         def work(path: Path) -> dict:
@@ -180,7 +180,7 @@ class Experiment:
         """Every budget of one attack entry against one model, sharing data preparation."""
         from immunize.attacks.runner import run_attacks
         from immunize.evaluation.harmfulness import HarmfulnessStepScorer
-        from immunize.method_runner import config_identity
+        from immunize.method_runner import config_identity, data_identity
 
         c = self.cfg
         # The judge scorer generates the curve's answers; the built-in scorer adds the harmful-answer
@@ -189,8 +189,9 @@ class Experiment:
         probe = c.attack_config(entry, model, str(self.root))
         stage = Stage("attack", f"{defence}@{entry.label}",
                       {"model": model_key, "attack": entry.method, "options": config_identity(probe),
-                       "data_root": c.data_root, "grid": entry.grid, **pipeline,
-                       "curve_every_steps": probe.curve_every_steps,
+                       "data": data_identity(probe), "grid": entry.grid, **pipeline,
+                       **{name: getattr(probe, name) for name in ("curve", "curve_every_steps", "curve_batch_size",
+                                                                  "curve_save_models")},
                        "judge": c.harmfulness_judge, "judges": self.judges_state,
                        "curve_prompts": c.curve_num_prompts, "curve_tokens": c.curve_max_new_tokens},
                       weight=2.0 * len(self.attack_budgets[entry.label]))
