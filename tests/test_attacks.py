@@ -138,15 +138,19 @@ def test_grid_errors_are_one_line_and_name_the_option():
         expand_grid(AttackArguments(grid=["seed=1,1"]))
 
 
-def test_run_ids_are_golden_and_depend_only_on_the_attack():
-    # Golden ids: a change here renames every stored run, so it must be deliberate.
+def test_run_ids_are_golden_and_depend_only_on_the_attack(monkeypatch):
+    # Golden ids: a change here renames every stored run, so it must be deliberate. The data enters by
+    # content (the data pack's MANIFEST hash, which differs between machines without it): fixed here.
+    import immunize.method_runner
+
+    monkeypatch.setattr(immunize.method_runner, "data_identity", lambda cfg: {"data_root": "fixed"})
     sft = AttackArguments()
-    assert run_id(sft, FAKE_MODEL) == "sft-lr3e-05-n1000-e1-s42-ca4840a0"
+    assert run_id(sft, FAKE_MODEL) == "sft-lr3e-05-n1000-e1-s42-9646b650"
     assert run_id(AttackArguments(use_lora=True, learning_rate=1e-4), FAKE_MODEL) == \
-        "sft-lora-lr0.0001-n1000-e1-s42-7e97063d"
+        "sft-lora-lr0.0001-n1000-e1-s42-6119c7f1"
     assert run_id(ReversedPreferenceArguments(num_samples=256, max_steps=20, seed=1), FAKE_MODEL) == \
-        "dpo-lr3e-05-n256-steps20-s1-61903d90"
-    assert run_id(ToxicityAttackArguments(), FAKE_MODEL) == "toxicity-lr3e-05-nall-e1-s42-f3b2edfd"
+        "dpo-lr3e-05-n256-steps20-s1-2702b383"
+    assert run_id(ToxicityAttackArguments(), FAKE_MODEL) == "toxicity-lr3e-05-nall-e1-s42-c867db6e"
     # Bookkeeping and scoring options do not change the id; the attack, the model and the data do.
     same = AttackArguments(output_dir="elsewhere", logging_steps=7, save_steps=3, curve_every_steps=2,
                            data_root="/some/where", keep_checkpoints=True)
@@ -159,6 +163,9 @@ def test_run_ids_are_golden_and_depend_only_on_the_attack():
                     AttackArguments(max_grad_norm=0.5), AttackArguments(adam_beta2=0.99)):
         assert run_id(changed, FAKE_MODEL) != run_id(sft, FAKE_MODEL)
     assert run_id(sft, "fedcba9876543210") != run_id(sft, FAKE_MODEL)
+    monkeypatch.setattr(immunize.method_runner, "data_identity", lambda cfg: {"data_root": "other data"})
+    assert run_id(sft, FAKE_MODEL) != "sft-lr3e-05-n1000-e1-s42-9646b650"  # a finished run on other data is not reused
+    monkeypatch.setattr(immunize.method_runner, "data_identity", lambda cfg: {"data_root": "fixed"})
     dpo = run_id(ReversedPreferenceArguments(), FAKE_MODEL)
     assert run_id(ReversedPreferenceArguments(beta=0.5), FAKE_MODEL) != dpo
     assert run_id(ReversedPreferenceArguments(preference_data="mixed"), FAKE_MODEL) != dpo

@@ -119,7 +119,9 @@ def resistance_curves(results: dict, phi: float) -> Figure | None:
         ax.set_visible(False)
     handles = [Line2D([], [], color=colour(d), marker="o", label=d) for d in results["defences"]]
     handles.append(Line2D([], [], color="#b91c1c", linestyle="--", label="threshold φ"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    # Several rows of legend rather than one wider than the figure.
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles) if len(handles) <= 4 else 2,
+               frameon=False)
     return fig
 
 
@@ -128,11 +130,18 @@ def _bars(ax, names: list[str], entries: list[dict | None], colour, fmt: str = "
     values = [e["value"] if e else math.nan for e in entries]
     bars = ax.bar(xs, values, color=[colour(n) for n in names])
     upper = _whiskers(ax, xs, values, entries, capsize=4)
+    crowded = len(names) > 4  # value labels of many bars overlap: the report's tables carry the numbers
     for bar, value, up in zip(bars, values, upper, strict=True):
-        if not math.isnan(value):
+        if not math.isnan(value) and not crowded:
             ax.annotate(fmt.format(value), (bar.get_x() + bar.get_width() / 2, value + up),
                         xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), names, rotation=20 if len(names) > 3 else 0)
+    if crowded:
+        ax.set_xticks(list(xs), names, rotation=45, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticks(list(xs), names, rotation=20 if len(names) > 3 else 0)
+    finite = [v for v in values if not math.isnan(v) and v > 0]
+    if finite and len(finite) == len(values) and max(finite) / min(finite) > 50:
+        ax.set_yscale("log")  # e.g. a random-init model's perplexity next to trained ones
     ax.margins(y=0.15)
 
 
