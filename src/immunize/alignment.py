@@ -11,10 +11,10 @@ defaults in ``ALIGNMENT_DEFAULTS`` differ.
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from pathlib import Path
 
+from immunize.defences.base import config_with_defaults
 from immunize.defences.safety_sft import SafetySFTConfig
 
 # Where the alignment stage departs from the safety-sft defence's (paper) defaults: a fixed,
@@ -28,19 +28,7 @@ ALIGNMENT_DEFAULTS: dict[str, typing.Any] = {
 }
 
 
-def _with_defaults(base: type, defaults: dict[str, typing.Any], name: str) -> type:
-    """``base`` with other defaults, as a module-level class (Trainer pickles its args into checkpoints)."""
-    known = {f.name: f for f in dataclasses.fields(base)}
-    types = typing.get_type_hints(base)  # real types: HfArgumentParser reads them from the new class
-    fields = [(key, types[key], dataclasses.field(default=value, metadata=known[key].metadata))
-              for key, value in defaults.items()]
-    cls = dataclasses.make_dataclass(name, fields, bases=(base,))
-    cls.__module__ = __name__
-    cls.__doc__ = f"{base.__name__} with the alignment stage's defaults: {defaults}."
-    return cls
-
-
-AlignmentConfig = _with_defaults(SafetySFTConfig, ALIGNMENT_DEFAULTS, "AlignmentConfig")
+AlignmentConfig = config_with_defaults(SafetySFTConfig, ALIGNMENT_DEFAULTS, "AlignmentConfig", __name__)
 
 
 def align(cfg: SafetySFTConfig) -> Path:

@@ -55,20 +55,13 @@ def config_class(name: str) -> type:
     """The config class of defence ``name``: its method's, with a named configuration's fixed options
     as defaults (so ``--help`` and a parsed config show them)."""
     if name not in _CONFIG_CLASSES:
-        import dataclasses
-
         entry = DEFENCES.entry(name)
         cls = DEFENCES.get(name).config_class
         pinned = {**entry.defaults, **entry.fixed}
         if pinned:
-            known = {f.name: f for f in dataclasses.fields(cls)}
-            if unknown := sorted(set(pinned) - set(known)):
-                raise ValueError(f"defence {name}: options {unknown} are not fields of {cls.__name__}")
-            fields = [(key, known[key].type, dataclasses.field(default=value, metadata=known[key].metadata))
-                      for key, value in pinned.items()]
-            cls = dataclasses.make_dataclass(_generated_name(name, cls), fields, bases=(cls,))
-            # Trainer pickles its args into every checkpoint: the class must be importable by name.
-            cls.__module__ = __name__
+            from immunize.defences.base import config_with_defaults
+
+            cls = config_with_defaults(cls, pinned, _generated_name(name, cls), __name__)
         _CONFIG_CLASSES[name] = cls
     return _CONFIG_CLASSES[name]
 

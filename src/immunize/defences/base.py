@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from immunize.errors import ImmunizeError
 from immunize.training import ImmunizeTrainingArguments
 
 # Options every defence honours; a recipe sets them once for all its defences (and the alignment).
@@ -36,6 +37,40 @@ class DefenceArguments(ImmunizeTrainingArguments):
 
         self.held_out_categories = parse_categories(self.held_out_categories)
         super().__post_init__()
+
+    def require_non_reentrant_checkpointing(self, why: str) -> None:
+        """For losses that read activations inside checkpointed layers: refuse reentrant activation
+        checkpointing (one line, naming the option), else make non-reentrant the setting. Call after
+        ``TrainingArguments.__post_init__``, which resolves the deprecated aliases."""
+        if not self.activation_checkpointing:
+            return
+        kwargs = dict(self.activation_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant", False):
+            raise ImmunizeError(f"--activation_checkpointing_kwargs use_reentrant=true: {why}, which needs "
+                                "non-reentrant checkpointing")
+        kwargs["use_reentrant"] = False
+        self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
+
+
+def config_with_defaults(base: type, defaults: dict[str, Any], name: str, module: str) -> type:
+    """``base`` with other defaults, as a class named ``name`` importable from ``module``.
+
+    The Trainer pickles its args into every checkpoint, so the class must be found by name on
+    resume; the real field types are kept (HfArgumentParser reads them from the new class).
+    """
+    import dataclasses
+    import typing
+
+    known = {f.name: f for f in dataclasses.fields(base)}
+    if unknown := sorted(set(defaults) - set(known)):
+        raise ValueError(f"{name}: options {unknown} are not fields of {base.__name__}")
+    types = typing.get_type_hints(base)
+    fields = [(key, types[key], dataclasses.field(default=value, metadata=known[key].metadata))
+              for key, value in defaults.items()]
+    cls = dataclasses.make_dataclass(name, fields, bases=(base,))
+    cls.__module__ = module
+    cls.__doc__ = f"{base.__name__} with other defaults: {defaults}."
+    return cls
 
 
 @dataclass

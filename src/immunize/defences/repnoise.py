@@ -191,15 +191,8 @@ class RepNoiseConfig(DefenceArguments):
             raise ImmunizeError("--lens_chunk_tokens must be >= 0")
         if self.layers.strip() != "all":
             select_layers(self.layers, 10**6)  # syntax now; the range once the model is loaded
-        super().__post_init__()  # resolves the deprecated gradient_checkpointing* aliases
-        if self.activation_checkpointing:
-            kwargs = dict(self.activation_checkpointing_kwargs or {})
-            if kwargs.get("use_reentrant", False):
-                raise ImmunizeError("--activation_checkpointing_kwargs use_reentrant=true: RepNoise reads "
-                                    "activations inside checkpointed layers, which needs non-reentrant "
-                                    "checkpointing")
-            kwargs["use_reentrant"] = False
-            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
+        super().__post_init__()
+        self.require_non_reentrant_checkpointing("RepNoise reads activations inside checkpointed layers")
 
     def loss_options(self) -> RepNoiseOptions:
         return RepNoiseOptions(

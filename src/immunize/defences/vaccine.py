@@ -114,15 +114,9 @@ class VaccineConfig(DefenceArguments):
     def __post_init__(self):
         if not math.isfinite(self.rho) or self.rho < 0:
             raise ImmunizeError(f"--rho {self.rho}: must be a finite number >= 0 (the perturbation's norm)")
-        super().__post_init__()  # resolves the deprecated gradient_checkpointing* aliases
-        if self.activation_checkpointing:
-            kwargs = dict(self.activation_checkpointing_kwargs or {})
-            if kwargs.get("use_reentrant", False):
-                raise ImmunizeError("--activation_checkpointing_kwargs use_reentrant=true: Vaccine takes "
-                                    "gradients of activations inside checkpointed layers, which needs "
-                                    "non-reentrant checkpointing")
-            kwargs["use_reentrant"] = False
-            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
+        super().__post_init__()
+        self.require_non_reentrant_checkpointing(
+            "Vaccine takes gradients of activations inside checkpointed layers")
 
 
 def alignment_loss(model: nn.Module, batch: dict) -> torch.Tensor:
