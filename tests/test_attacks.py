@@ -128,7 +128,7 @@ def test_grid_errors_are_one_line_and_name_the_option():
         parse_grid(["learning_rate"])
     with pytest.raises(ImmunizeError, match="unknown option 'lr'"):
         expand_grid(AttackArguments(grid=["lr=1e-5"]))
-    with pytest.raises(ImmunizeError, match="'abc' is not a valid float"):
+    with pytest.raises(ImmunizeError, match=r"^--grid learning_rate: expected a number, got 'abc'$"):
         expand_grid(AttackArguments(grid=["learning_rate=abc"]))
     with pytest.raises(ImmunizeError, match="cannot be swept"):
         expand_grid(AttackArguments(grid=["held_out_categories=self_harm"]))

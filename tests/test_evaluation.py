@@ -105,10 +105,13 @@ def test_ratio_bootstrap_ci_resamples_pairs():
 
 def test_fixed_subset_is_stable_and_order_free():
     items = [f"prompt {i}" for i in range(50)]
-    first = fixed_subset(items, 10, key=str)
-    assert first == fixed_subset(list(reversed(items)), 10, key=str)
+    names = {"option": "harmfulness_samples", "source": "prompts.jsonl"}
+    first = fixed_subset(items, 10, key=str, **names)
+    assert first == fixed_subset(list(reversed(items)), 10, key=str, **names)
     assert first != items[:10]
-    assert len(fixed_subset(items, 0, key=str)) == 50
+    assert len(fixed_subset(items, 0, key=str, **names)) == len(fixed_subset(items, 50, key=str, **names)) == 50
+    with pytest.raises(ImmunizeError, match=r"^--harmfulness_samples 51: prompts.jsonl has only 50$"):
+        fixed_subset(items, 51, key=str, **names)
 
 
 def test_suite_fills_only_unset_options():

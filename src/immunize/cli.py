@@ -13,7 +13,7 @@ import os
 import pkgutil
 import sys
 
-from immunize.errors import ImmunizeError
+from immunize.errors import ImmunizeError, Interrupted
 
 
 def _commands() -> dict[str, str]:
@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImmunizeError as err:
         print(f"immunize {name}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"immunize {name}: {err}", file=sys.stderr)
+        return err.exit_status
     except KeyboardInterrupt:
         print(f"immunize {name}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

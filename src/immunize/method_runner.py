@@ -6,9 +6,12 @@ method that writes a model (defences, the alignment stage, attacks).
   placed on devices). A changed ``max_grad_norm`` or Adam setting therefore never resumes or skips
   an old run. Paths are replaced by what they hold: the model by its content fingerprint, the data
   by the hash of the examples built from it.
-- **Claiming** an output directory: a directory whose identity differs is refused (one line, naming
-  the options that differ); identity is written only once the run has validated its inputs, so a
-  run that failed before training never blocks its corrected rerun.
+- **Claiming** an output directory: a run holds it under ``immunize.locks.run_lock`` (a second
+  process fails at once, naming the holder); a directory whose identity differs is refused (one
+  line, naming the options that differ) once it holds work (a checkpoint, a model, the marker).
+  Identity is written only once the run has validated its inputs, and a run that saved nothing
+  (it failed or was killed before its first checkpoint) is replaced, so it never blocks its
+  corrected rerun.
 - **Resume**: trainers resume from the newest checkpoint in the directory.
 - **Saving** goes through ``trainer.save_model()`` (so FSDP/ZeRO-3 shards are gathered by the
   Trainer), then the tokenizer, the model card (``README.md`` with YAML metadata) and, last, the
@@ -27,7 +30,8 @@ from typing import Any
 
 from immunize.config import write_provenance
 from immunize.errors import ImmunizeError
-from immunize.io import atomic_write_json, atomic_write_text, read_json
+from immunize.io import atomic_write_json, atomic_write_text, read_json, share_weights
+from immunize.redact import is_secret, redact
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ NOT_IDENTITY = frozenset({
     "include_for_metrics", "batch_eval_metrics", "bf16_full_eval", "fp16_full_eval", "do_train", "do_eval",
     "do_predict", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
     # checkpoints and the hub
-    "save_only_model", "save_strategy", "save_steps", "save_on_each_node", "save_total_limit",
+    "save_only_model", "save_strategy", "save_steps", "save_every_seconds", "save_on_each_node", "save_total_limit",
     "enable_jit_checkpoint", "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy",
     "hub_always_push", "hub_revision", "resume_from_checkpoint", "restore_callback_states_from_checkpoint",
     # placement: the same computation on other devices or shards (activation checkpointing recomputes
@@ -86,10 +90,12 @@ def config_identity(cfg: Any, exclude: frozenset[str] = frozenset()) -> dict[str
 
     Values are read from the config itself (``to_dict`` masks ``*_token`` fields, which would hide a
     changed ``pad_token``); whole numbers given as floats count as the same value (YAML's ``1``
-    and a flag's ``1.0`` are one epoch)."""
+    and a flag's ``1.0`` are one epoch). Secret-like options (``immunize.redact``) never change what a
+    run computes, so they never enter an identity, a model card or a stage key."""
     names = [f.name for f in dataclasses.fields(cfg) if f.init]
     skip = NOT_IDENTITY | exclude
-    return {name: _number(_plain(getattr(cfg, name, None))) for name in sorted(names) if name not in skip}
+    return {name: _number(_plain(getattr(cfg, name, None))) for name in sorted(names)
+            if name not in skip and not is_secret(name)}
 
 
 def _number(value: Any) -> Any:
@@ -139,13 +145,23 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_identity(out: Path, identity: dict) -> None:
-    """Refuse a directory that holds (or held) a run with another identity."""
+def _changed(out: Path, identity: dict) -> list[str]:
+    """The identity fields in which the run recorded in ``out`` differs from ``identity``."""
     path = out / IDENTITY_FILE
-    if not path.is_file():
-        return
-    previous = read_json(path).get("identity", {})
-    if changed := _differences(previous, identity):
+    return _differences(read_json(path).get("identity", {}), identity) if path.is_file() else []
+
+
+def holds_work(out: Path) -> bool:
+    """Whether ``out`` holds something a run computed: a checkpoint, a saved model or the marker."""
+    return (out / COMPLETE_MARKER).is_file() or any(out.glob("checkpoint-*")) or any(out.glob("*.safetensors"))
+
+
+def check_identity(out: Path, identity: dict) -> None:
+    """Refuse a directory that holds work of a run with another identity.
+
+    A run that never saved anything (it failed or was killed before its first checkpoint) does not
+    count: its corrected rerun takes the directory over (``claim``)."""
+    if (changed := _changed(out, identity)) and holds_work(out):
         raise ImmunizeError(f"--output_dir {out}: holds a run with different {', '.join(changed)}; "
                             "choose another --output_dir (or delete it) to start afresh")
 
@@ -153,6 +169,8 @@ def check_identity(out: Path, identity: dict) -> None:
 def claim(out: Path, identity: dict) -> None:
     """Mark ``out`` as this run's (after its inputs are validated, right before it starts work)."""
     check_identity(out, identity)
+    if changed := _changed(out, identity):
+        log.warning("--output_dir %s: replacing a run with different %s that saved nothing", out, ", ".join(changed))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / IDENTITY_FILE, {"identity": identity})
 
@@ -198,7 +216,7 @@ def write_model_card(out: Path, *, method: str, kind: str, base_model: str, base
     }
     meta = {k: v for k, v in meta.items() if v is not None}
     lines = [
-        "---", _yaml_block(meta).rstrip(), "---", "",
+        "---", _yaml_block(redact(meta)).rstrip(), "---", "",
         f"# {method} ({kind})", "",
         description, "",
         f"- Base model: `{base_model}` (fingerprint `{base_fingerprint}`)",
@@ -223,19 +241,29 @@ def save_trained(trainer, tokenizer, *, merge_lora: bool) -> Path:
 
 
 def finish(out: Path, marker: dict[str, Any], *, keep_checkpoints: bool, is_main: bool = True) -> None:
-    """Drop intermediate checkpoints (unless kept) and write the completion marker last."""
+    """Drop intermediate checkpoints (unless kept), make the saved weights as readable as the files
+    beside them (``share_weights``) and write the completion marker last."""
     if not is_main:
         return
     if not keep_checkpoints:
         for ckpt in out.glob("checkpoint-*"):
             shutil.rmtree(ckpt, ignore_errors=True)
+    share_weights(out)
     atomic_write_json(out / COMPLETE_MARKER, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **marker})
 
 
 # ---- defences and the alignment stage -------------------------------------------------------------
 
 def run_defence(name: str, cfg: Any, *, kind: str = "defence") -> Path:
-    """Run (or skip, or resume) the registered defence ``name`` with config ``cfg``."""
+    """Run (or skip, or resume) the registered defence ``name`` with config ``cfg``, holding its
+    output directory throughout (another process using it fails at once)."""
+    from immunize.locks import run_lock
+
+    with run_lock(cfg.output_dir):
+        return _run_defence(name, cfg, kind)
+
+
+def _run_defence(name: str, cfg: Any, kind: str) -> Path:
     from immunize.defences import get_defence
     from immunize.models import load_tokenizer, model_fingerprint
     from immunize.training import StepTimer, run_training
@@ -302,11 +330,16 @@ def run_loss(log_history: list[dict], reported: float) -> float:
     """The mean training loss of the whole run, also after a resume.
 
     ``Trainer`` reports the mean over the steps *this process* ran; after a resume that is only the
-    tail of the run. The per-step logs (``logging_steps`` 1 by default) are kept in the checkpoint's
-    trainer state, so their mean covers every step.
+    tail of the run. Each log holds the mean loss since the previous one, and the log history is
+    restored from the checkpoint, whose step is always a logging step, as is the last step
+    (``immunize.training.CheckpointPolicy``); so the logs weighted by the steps each covers give
+    the mean over every step, whatever ``logging_steps`` is.
     """
-    losses = [e["loss"] for e in log_history if "loss" in e and "step" in e]
-    steps = {e["step"] for e in log_history if "loss" in e and "step" in e}
-    if losses and len(steps) == len(losses) and max(steps) == len(steps):
-        return float(sum(losses) / len(losses))
-    return float(reported)
+    logs = sorted((e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e)
+    if not logs:
+        return float(reported)
+    total, previous = 0.0, 0
+    for step, loss in logs:
+        total += loss * (step - previous)
+        previous = step
+    return float(total / previous)

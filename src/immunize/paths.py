@@ -19,6 +19,17 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "immunize"
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+def _holds_data(path: Path) -> bool:
+    """An empty directory (a mount not yet filled, a wrong folder) fails here, naming itself, not
+    later as a missing file or an empty table. Stops at the first file found."""
+    if (path / "MANIFEST.json").is_file():
+        return True
+    return any(p.suffix in DATA_SUFFIXES and p.is_file() for p in path.rglob("*"))
+
+
 def data_root(override: str | Path | None = None, *, must_exist: bool = True) -> Path:
     """Resolve the local data root: the flag, then ``$IMMUNIZE_DATA``, then ``../shared/data``."""
     candidates: list[tuple[str, Path]] = []
@@ -29,8 +40,11 @@ def data_root(override: str | Path | None = None, *, must_exist: bool = True) ->
     else:
         candidates.append(("project default", _PROJECT_ROOT.parent / "shared" / "data"))
         candidates.append(("working directory", Path.cwd().parent / "shared" / "data"))
-    for _, path in candidates:
+    for origin, path in candidates:
         if path.is_dir():
+            if must_exist and not _holds_data(path):
+                raise ImmunizeError(f"data root {path} ({origin}): holds no MANIFEST.json and no data files "
+                                    f"({', '.join(DATA_SUFFIXES)})")
             return path.resolve()
     if not must_exist:
         return candidates[0][1]

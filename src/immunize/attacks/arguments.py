@@ -8,9 +8,11 @@ own fields. The reversed-preference attack mixes in TRL's ``DPOConfig`` so every
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from trl import DPOConfig
 
+from immunize.config import MAPPING_TOO
 from immunize.data import CATEGORIES
 from immunize.errors import ImmunizeError
 from immunize.training import ImmunizeTrainingArguments
@@ -52,7 +54,7 @@ class AttackArguments(ImmunizeTrainingArguments):
     """
 
     attack: str = field(default="sft", metadata={"help": ATTACK_HELP})
-    grid: list[str] | None = field(default=None, metadata={"help": GRID_HELP})
+    grid: Annotated[list[str] | None, MAPPING_TOO] = field(default=None, metadata={"help": GRID_HELP})
     held_out_categories: list[str] = field(
         default_factory=list,
         metadata={"help": "cross-domain attack: train and score only on these BeaverTails categories "

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from immunize.config import fingerprint
+from immunize.config import coerce_option, fingerprint, option_kind, option_types
 from immunize.errors import ImmunizeError
 
 # Options a grid cannot sweep: they name the sweep itself, its place on disk, or its config class.
@@ -52,48 +51,15 @@ def parse_grid(spec: Mapping[str, Any] | Sequence[str] | None) -> dict[str, list
     return grid
 
 
-def _field_type(cls: type, name: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    return hints[name]
-
-
 def coerce(cls: type, name: str, raw: Any) -> Any:
-    """Convert a grid value (a string from the command line, or a YAML scalar) to the option's type."""
-    kind = _field_type(cls, name)
-    args = typing.get_args(kind)
-    optional = type(None) in args
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        scalars = [a for a in args if a is not type(None)]
-        kind = scalars[0] if len(scalars) == 1 else str
+    """A grid value (a flag's text, or a YAML scalar) as the option's type (``immunize.config``'s rules)."""
+    hint = option_types(cls)[name]
+    optional, kind = option_kind(hint)
     if typing.get_origin(kind) in (list, tuple, dict) or kind in (list, tuple, dict):
         raise ImmunizeError(f"--grid {name}: list- and dict-valued options cannot be swept")
     if optional and isinstance(raw, str) and raw.lower() in ("none", "null", "all"):
-        return None
-    if raw is None:
-        if optional:
-            return None
-        raise ImmunizeError(f"--grid {name}: None is not a valid value")
-    try:
-        if kind is bool:
-            if isinstance(raw, bool):
-                return raw
-            lowered = str(raw).lower()
-            if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(raw)
-            return lowered in ("true", "1", "yes")
-        if kind is int:
-            value = float(raw)
-            if not value.is_integer():
-                raise ValueError(raw)
-            return int(value)
-        if kind is float:
-            return float(raw)
-        if isinstance(kind, type) and issubclass(kind, str):
-            return str(raw)
-    except ValueError:
-        what = getattr(kind, "__name__", kind)
-        raise ImmunizeError(f"--grid {name}: {raw!r} is not a valid {what}") from None
-    return raw
+        return None  # num_samples=1000,all: every sample
+    return coerce_option(hint, raw, f"--grid {name}")
 
 
 def expand_grid(cfg: Any) -> list[tuple[dict[str, Any], Any]]:

@@ -29,6 +29,7 @@ from immunize.config import write_provenance
 from immunize.data import BeaverTailsSplits, load_splits
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_jsonl, read_json
+from immunize.locks import run_lock
 from immunize.method_runner import (
     claim,
     data_licences,
@@ -136,7 +137,16 @@ def _prepare(attack: Attack, cfg: AttackArguments, n: int | None) -> _Prepared:
 def run_attacks(cfg: AttackArguments, *, scorers: Sequence[StepScorer] = (),
                 callbacks: Sequence[TrainerCallback] = (),
                 report: Callable[[str], None] = log.info) -> list[RunResult]:
-    """Run every run of ``cfg``; ``scorers`` join the built-in curve scorer (e.g. a harmfulness judge)."""
+    """Run every run of ``cfg``; ``scorers`` join the built-in curve scorer (e.g. a harmfulness judge).
+
+    The root is held throughout (another process using it fails at once): its runs and its index
+    are this process's to write."""
+    with run_lock(cfg.output_dir):
+        return _run_attacks(cfg, scorers, callbacks, report)
+
+
+def _run_attacks(cfg: AttackArguments, scorers: Sequence[StepScorer], callbacks: Sequence[TrainerCallback],
+                 report: Callable[[str], None]) -> list[RunResult]:
     attack = get_attack(cfg.attack)()
     runs = plan_runs(cfg)
     groups: dict[tuple, list[PlannedRun]] = {}

@@ -33,14 +33,19 @@ def parse(argv: list[str]):
                    f"Grid: {GRID_HELP}. Runs go to OUTPUT_DIR/RUN_ID; finished runs are skipped, "
                    "interrupted ones resume.")
     (cfg,) = parse_config([attack.config_class], argv, prog="immunize attack", description=description)
+    from immunize.attacks.grid import expand_grid
+
+    expand_grid(cfg)  # builds every point's config: a bad value anywhere in the grid fails before anything runs
     return cfg
 
 
 def main(argv: list[str]) -> int:
     from immunize.attacks import run_attacks
     from immunize.attacks.runner import describe
+    from immunize.io import check_output_dir
 
     cfg = parse(argv)
+    check_output_dir(cfg.output_dir, "--output_dir")
     results = run_attacks(cfg, report=print)
     print(f"\n{len(results)} run(s) in {cfg.output_dir} (index: attacks.jsonl)")
     for result in results:

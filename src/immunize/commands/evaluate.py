@@ -23,9 +23,13 @@ def main(argv: list[str]) -> int:
     (cfg,) = parse_config([EvaluationConfig], argv, prog="immunize evaluate", description=HELP)
     from immunize.evaluation import evaluate, get_section, section_names
     from immunize.evaluation.runner import headline_text
+    from immunize.io import check_output_dir
+    from immunize.locks import run_lock
 
+    check_output_dir(cfg.output_dir, "--output_dir")
     _set_threads(cfg.threads)
-    summary = evaluate(config=cfg, verbose=True)
+    with run_lock(cfg.output_dir):  # a second evaluation into the same directory fails at once
+        summary = evaluate(config=cfg, verbose=True)
     print(
         f"\n{summary['model']['name']} ({summary['model']['fingerprint']}), suite {summary['suite']}, "
         f"{summary['seconds']:.0f}s ({summary['cpu_seconds']:.0f} CPU-s):"

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ def _progress(message: str) -> None:
 def _train(argv: list[str]) -> int:
     (cfg,) = parse_config([TrainConfig], argv, prog="immunize judge train",
                           description="train the default judges")
+    from immunize.io import check_output_dir
     from immunize.judges.trained import judges_dir
     from immunize.judges.training import train_judges
 
@@ -87,7 +89,7 @@ def _train(argv: list[str]) -> int:
 
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
-    out_root = cfg.output_dir or judges_dir()
+    out_root = check_output_dir(cfg.output_dir or judges_dir(), "--output_dir")
     cards = train_judges(names, encoder_name=cfg.encoder, device=cfg.device, batch_size=cfg.batch_size,
                          data_root_dir=cfg.data_root, out_root=out_root, embedding_cache=cfg.embedding_cache,
                          folds=cfg.folds, progress=_progress)
@@ -105,6 +107,7 @@ def _summary(card: dict) -> str:
 
 
 def _read_pairs(path: str) -> tuple[list[dict], list[str], list[str]]:
+    from immunize.data.readers import check_type
     from immunize.io import iter_jsonl
 
     rows, prompts, responses = [], [], []
@@ -112,13 +115,23 @@ def _read_pairs(path: str) -> tuple[list[dict], list[str], list[str]]:
         for key in ("prompt", "response"):
             if key not in row:
                 raise ImmunizeError(f"{path}:{lineno}: missing field {key!r}")
-            if not isinstance(row[key], str):
-                raise ImmunizeError(f"{path}:{lineno}: field {key!r} must be a string, "
-                                    f"got {type(row[key]).__name__}")
+            check_type(row[key], str, f"field {key!r}", f"{path}:{lineno}")
         rows.append(row)
         prompts.append(row["prompt"])
         responses.append(row["response"])
+    if not rows:
+        raise ImmunizeError(f"{path}: holds no rows to score")
     return rows, prompts, responses
+
+
+def _check_output(input_path: str, output_path: str) -> None:
+    """``--output`` is writable and is not ``--input`` under another spelling or link: checked before
+    any scoring, since the scored rows would replace the rows being scored."""
+    from immunize.io import check_output_file
+
+    output = check_output_file(output_path, "--output")
+    if output.exists() and os.path.exists(input_path) and os.path.samefile(output, input_path):
+        raise ImmunizeError(f"--output {output_path}: is the --input file; write the scores to another file")
 
 
 def _score(argv: list[str]) -> int:
@@ -128,6 +141,7 @@ def _score(argv: list[str]) -> int:
     from immunize.io import atomic_write_jsonl
     from immunize.judges import load_judge, parse_options
 
+    _check_output(cfg.input, cfg.output)
     options = parse_options(cfg.judge_option)
     if cfg.output_dir is not None and cfg.judge in _trained_names():
         options.setdefault("root", cfg.output_dir)
@@ -152,8 +166,6 @@ def _trained_names() -> set[str]:
 
 def _list(argv: list[str]) -> int:
     (cfg,) = parse_config([ListConfig], argv, prog="immunize judge list", description="list judges")
-    import os
-
     from immunize.judges import judge_entries
     from immunize.judges.trained import judge_dir, read_card
 

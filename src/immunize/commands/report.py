@@ -7,6 +7,7 @@ from pathlib import Path
 
 from immunize.config import parse_config
 from immunize.errors import ImmunizeError
+from immunize.io import check_output_dir
 
 HELP = "rebuild RUN_DIR/report/index.html (self-contained HTML) from RUN_DIR/results.json"
 
@@ -32,6 +33,7 @@ def main(argv: list[str]) -> int:
     run_dir = Path(cfg.run_dir)
     if not run_dir.is_dir():
         raise ImmunizeError(f"{run_dir}: run directory not found")
+    check_output_dir(run_dir, "--run_dir")  # the report is built inside it, then swapped in
     from immunize.report import build_report
 
     print(build_report(run_dir, phi=cfg.phi, epsilon=cfg.epsilon))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from immunize.data.readers import load_rows, require
+from immunize.data.readers import check_type, load_rows, typed
 from immunize.errors import ImmunizeError
 
 CATEGORIES: tuple[str, ...] = (
@@ -46,18 +46,18 @@ class EvalPrompt:
 
 
 def _qa_row(raw: dict, where: str) -> QARow:
-    require(raw, ("prompt", "response", "category", "is_safe"), where)
-    cats = raw["category"]
-    if not isinstance(cats, dict):
-        raise ImmunizeError(f"{where}: 'category' must be a dict of the 14 BeaverTails categories to booleans")
+    prompt, response = typed(raw, "prompt", str, where), typed(raw, "response", str, where)
+    cats = typed(raw, "category", dict, where)  # the 14 BeaverTails categories → true/false
     unknown = set(cats) - set(CATEGORIES)
     if unknown:
         raise ImmunizeError(f"{where}: unknown categor{'y' if len(unknown) == 1 else 'ies'} {sorted(unknown)}")
+    for name, flag in cats.items():
+        check_type(flag, bool, f"field 'category' entry {name!r}", where)
     return QARow(
-        prompt=str(raw["prompt"]),
-        response=str(raw["response"]),
+        prompt=prompt,
+        response=response,
         categories=tuple(c for c in CATEGORIES if cats.get(c)),
-        is_safe=bool(raw["is_safe"]),
+        is_safe=typed(raw, "is_safe", bool, where),
     )
 
 
@@ -72,8 +72,9 @@ def load_eval_prompts(source=None, *, root=None, split: str = "test") -> list[Ev
     name = source or EVAL_FILE
     out = []
     for i, raw in enumerate(rows):
-        require(raw, ("prompt", "category"), f"{name}: row {i + 1}")
-        if raw["category"] not in CATEGORIES:
-            raise ImmunizeError(f"{name}: row {i + 1}: unknown category {raw['category']!r}")
-        out.append(EvalPrompt(prompt=str(raw["prompt"]), category=str(raw["category"])))
+        where = f"{name}: row {i + 1}"
+        prompt, category = typed(raw, "prompt", str, where), typed(raw, "category", str, where)
+        if category not in CATEGORIES:
+            raise ImmunizeError(f"{where}: unknown category {category!r}")
+        out.append(EvalPrompt(prompt=prompt, category=category))
     return out

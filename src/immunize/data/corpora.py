@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from immunize.data.readers import load_rows, require
+from immunize.data.readers import check_type, load_rows, typed
 from immunize.errors import ImmunizeError
 
 
@@ -15,11 +15,19 @@ class Instruction:
     output: str | None = None
 
 
-def _messages_to_instruction(messages: list, where: str) -> Instruction:
-    if not isinstance(messages, list):
-        raise ImmunizeError(f"{where}: 'messages' must be a list")
-    user = next((m["content"] for m in messages if m.get("role") == "user"), None)
-    answer = next((m["content"] for m in messages if m.get("role") == "assistant"), None)
+def first_turns(row: dict, where: str) -> tuple[str | None, str | None]:
+    """The first user and the first assistant ``content`` of a row's chat ``messages``."""
+    turns: dict[str, str] = {}
+    for j, message in enumerate(typed(row, "messages", list, where)):
+        what = f"field 'messages' item {j + 1}"
+        check_type(message, dict, what, where)
+        role = check_type(message.get("role"), str, f"{what} 'role'", where)
+        turns.setdefault(role, check_type(message.get("content"), str, f"{what} 'content'", where))
+    return turns.get("user"), turns.get("assistant")
+
+
+def _messages_to_instruction(row: dict, where: str) -> Instruction:
+    user, answer = first_turns(row, where)
     if user is None:
         raise ImmunizeError(f"{where}: no user message")
     # BenignAlpaca wraps turns in Alpaca markers; the project applies its own prompt formats.
@@ -39,20 +47,19 @@ def load_benign_answers(name: str = "alpaca_eval", source=None, *, root=None) ->
     for i, row in enumerate(rows):
         where = f"{source or files[name]}: row {i + 1}"
         if "messages" in row:
-            out.append(_messages_to_instruction(row["messages"], where))
+            out.append(_messages_to_instruction(row, where))
         else:
-            require(row, ("instruction", "output"), where)
-            out.append(Instruction(str(row["instruction"]).strip(), str(row["output"]).strip()))
+            out.append(Instruction(typed(row, "instruction", str, where).strip(),
+                                   typed(row, "output", str, where).strip()))
     return out
 
 
 def load_harmless_instructions(split: str = "train", source=None, *, root=None) -> list[str]:
     if split not in ("train", "val", "test"):
         raise ImmunizeError(f"harmless instructions: unknown split {split!r} (train, val, test)")
-    rows = load_rows(source, f"benign/harmless_{split}.json", root=root, split=split)
-    for i, row in enumerate(rows):
-        require(row, ("instruction",), f"{source or f'benign/harmless_{split}.json'}: row {i + 1}")
-    return [str(r["instruction"]).strip() for r in rows]
+    rel = f"benign/harmless_{split}.json"
+    rows = load_rows(source, rel, root=root, split=split)
+    return [typed(row, "instruction", str, f"{source or rel}: row {i + 1}").strip() for i, row in enumerate(rows)]
 
 
 @dataclass(frozen=True)
@@ -64,34 +71,36 @@ class ToxicityRow:
     continuation_toxicity: float | None
 
 
+def _toxicity_row(kind: str, row: dict, where: str) -> ToxicityRow:
+    """``prompt`` and ``continuation`` are objects: a ``text`` and an optional Perspective ``toxicity``."""
+    parts = []
+    for name in ("prompt", "continuation"):
+        part = typed(row, name, dict, where)
+        parts += [typed(part, "text", str, f"{where}: field {name!r}"),
+                  typed(part, "toxicity", float, f"{where}: field {name!r}", optional=True)]
+    prompt, prompt_toxicity, continuation, continuation_toxicity = parts
+    return ToxicityRow(kind, prompt, continuation, prompt_toxicity, continuation_toxicity)
+
+
 def load_decodingtrust(source=None, *, root=None) -> list[ToxicityRow]:
     rel = "decodingtrust/training_dataset.jsonl"
     out = []
     for i, row in enumerate(load_rows(source, rel, root=root)):
         where = f"{source or rel}: row {i + 1}"
-        require(row, ("type", "prompt", "continuation"), where)
-        if row["type"] not in ("toxic", "non_toxic", "toxic_test"):
-            raise ImmunizeError(f"{where}: unknown type {row['type']!r}")
-        prompt, cont = row["prompt"], row["continuation"]
-        if not isinstance(prompt, dict) or not isinstance(cont, dict) or "text" not in prompt or "text" not in cont:
-            raise ImmunizeError(f"{where}: 'prompt' and 'continuation' must be objects with a 'text' field")
-        out.append(ToxicityRow(row["type"], prompt["text"], cont["text"], prompt.get("toxicity"),
-                               cont.get("toxicity")))
+        kind = typed(row, "type", str, where)
+        if kind not in ("toxic", "non_toxic", "toxic_test"):
+            raise ImmunizeError(f"{where}: unknown type {kind!r}")
+        out.append(_toxicity_row(kind, row, where))
     return out
 
 
-def load_toxicity_prompts(kind: str = "toxic", *, root=None) -> list[ToxicityRow]:
+def load_toxicity_prompts(kind: str = "toxic", source=None, *, root=None) -> list[ToxicityRow]:
     """RealToxicityPrompts rows with Perspective scores (``toxic`` or ``nontoxic``)."""
     if kind not in ("toxic", "nontoxic"):
         raise ImmunizeError(f"toxicity prompts: unknown kind {kind!r} (toxic, nontoxic)")
     rel = f"decodingtrust/{kind}_prompts.jsonl"
-    out = []
-    for i, row in enumerate(load_rows(None, rel, root=root)):
-        where = f"{rel}: row {i + 1}"
-        require(row, ("prompt", "continuation"), where)
-        out.append(ToxicityRow(kind, row["prompt"]["text"], row["continuation"]["text"],
-                               row["prompt"].get("toxicity"), row["continuation"].get("toxicity")))
-    return out
+    rows = load_rows(source, rel, root=root)
+    return [_toxicity_row(kind, row, f"{source or rel}: row {i + 1}") for i, row in enumerate(rows)]
 
 
 @dataclass(frozen=True)
@@ -117,9 +126,8 @@ def load_hh_harmless(source=None, *, root=None, reversed_preference: bool = Fals
     out = []
     for i, row in enumerate(load_rows(source, rel, root=root, split="test")):
         where = f"{source or rel}: row {i + 1}"
-        require(row, ("chosen", "rejected"), where)
-        prompt, chosen = _split_dialogue(row["chosen"], where)
-        prompt_r, rejected = _split_dialogue(row["rejected"], where)
+        prompt, chosen = _split_dialogue(typed(row, "chosen", str, where), where)
+        prompt_r, rejected = _split_dialogue(typed(row, "rejected", str, where), where)
         if prompt != prompt_r or not chosen or not rejected or chosen == rejected:
             continue  # the pair does not share its context, or has nothing to prefer
         prompt = prompt.removeprefix("Human:").strip()
@@ -146,7 +154,7 @@ def load_data_to_text(task: str, split: str, *, root=None) -> list[DataToText]:
     rel = _TASK_FILES.get((task, split))
     if rel is None:
         raise ImmunizeError(f"task {task!r} split {split!r}: unknown (have {sorted(_TASK_FILES)})")
-    rows = load_rows(None, rel, root=root)
-    for i, row in enumerate(rows):
-        require(row, ("mr", "ref"), f"{rel}: row {i + 2}")
-    return [DataToText(r["mr"].strip(), r["ref"].strip()) for r in rows]
+    # CSV rows are numbered by file line: the header is line 1.
+    return [DataToText(typed(row, "mr", str, f"{rel}: row {i + 2}").strip(),
+                       typed(row, "ref", str, f"{rel}: row {i + 2}").strip())
+            for i, row in enumerate(load_rows(None, rel, root=root))]

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
+from immunize.data.beavertails import load_eval_prompts, load_qa
+from immunize.data.corpora import (
+    first_turns,
+    load_benign_answers,
+    load_decodingtrust,
+    load_harmless_instructions,
+    load_hh_harmless,
+    load_toxicity_prompts,
+)
 from immunize.data.readers import read_table, require
 from immunize.errors import ImmunizeError
 from immunize.io import file_sha256, read_json
+from immunize.paths import DATA_SUFFIXES
 
 # File pattern → fields every row must carry. The first match wins.
 SCHEMAS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -30,7 +41,43 @@ SCHEMAS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("capability/truthfulqa/mc_task.json", ("question", "mc1_targets", "mc2_targets")),
     ("capability/gsm8k/*", ("question", "answer")),
 )
-DATA_SUFFIXES = {".jsonl", ".json", ".csv"}
+
+
+def _chat_rows(path: Path) -> None:
+    for i, row in enumerate(read_table(path)):
+        first_turns(row, f"{path}: row {i + 1}")
+
+
+def _mmlu_rows(path: Path) -> None:
+    from immunize.tasks import check_mmlu_row
+
+    for i, row in enumerate(read_table(path)):
+        check_mmlu_row(row, f"{path}: row {i + 1}")
+
+
+def _truthfulqa(path: Path) -> None:
+    from immunize.tasks import convert_truthfulqa
+
+    convert_truthfulqa(path)
+
+
+# File pattern → the reader a command uses for it, run on the file: `immunize data` then finds what
+# that reader would (field types, nested structure, known categories), not only missing fields.
+# Loaders take the file as their source; the dataset name or split they are given only picks a
+# default file. CSV fields are always strings, so the field check above covers CSV files.
+LOADERS: tuple[tuple[str, Callable[[Path], object]], ...] = (
+    ("beavertails/qa.jsonl", load_qa),
+    ("beavertails/eval_prompts.jsonl", load_eval_prompts),
+    ("decodingtrust/training_dataset.jsonl", load_decodingtrust),
+    ("decodingtrust/toxic_prompts.jsonl", lambda path: load_toxicity_prompts("toxic", path)),
+    ("decodingtrust/nontoxic_prompts.jsonl", lambda path: load_toxicity_prompts("nontoxic", path)),
+    ("hh_rlhf/harmless_base_test.jsonl", load_hh_harmless),
+    ("harmful_prompts/*.jsonl", _chat_rows),
+    ("benign/harmless_*.json", lambda path: load_harmless_instructions("test", path)),
+    ("benign/*", lambda path: load_benign_answers("alpaca_eval", path)),
+    ("capability/mmlu/*", _mmlu_rows),
+    ("capability/truthfulqa/mc_task.json", _truthfulqa),
+)
 
 
 @dataclass
@@ -50,6 +97,10 @@ def schema_for(rel: str) -> tuple[str, ...] | None:
     return None
 
 
+def loader_for(rel: str) -> Callable[[Path], object] | None:
+    return next((loader for pattern, loader in LOADERS if fnmatch(rel, pattern)), None)
+
+
 def validate_file(root: Path, rel: str) -> int:
     """Return the row count; raise ``ImmunizeError`` naming the file and row of the first bad row."""
     rows = read_table(root / rel)
@@ -59,20 +110,31 @@ def validate_file(root: Path, rel: str) -> int:
     for i, row in enumerate(rows):
         if fields:
             require(row, fields, f"{rel}: row {i + offset}")
-    if rel == "beavertails/qa.jsonl":
-        from immunize.data.beavertails import load_qa
-
-        load_qa(root / rel)  # also checks the category dicts
+    if loader := loader_for(rel):
+        loader(root / rel)
     return len(rows)
 
 
+def read_manifest(root: Path) -> dict[str, dict]:
+    """``MANIFEST.json`` (file → its bytes, rows, licence, sha256), or {} if the root has none."""
+    path = root / "MANIFEST.json"
+    if not path.is_file():
+        return {}
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or not all(isinstance(e, dict) for e in manifest.values()):
+        raise ImmunizeError(f"{path}: expected a JSON object of file path → entry object")
+    return manifest
+
+
 def inventory(root: Path, *, verify_checksums: bool = True) -> list[FileReport]:
-    manifest_path = root / "MANIFEST.json"
-    manifest = read_json(manifest_path) if manifest_path.is_file() else {}
+    manifest = read_manifest(root)
     files = sorted(
         str(p.relative_to(root)) for p in root.rglob("*")
         if p.is_file() and p.suffix in DATA_SUFFIXES and p.name != "MANIFEST.json"
     )
+    if not files and not manifest:
+        raise ImmunizeError(f"data root {root}: holds no data files ({', '.join(DATA_SUFFIXES)}) "
+                            "and no MANIFEST.json listing any")
     reports = []
     for rel in files:
         entry = manifest.get(rel, {})

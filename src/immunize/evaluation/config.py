@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from immunize.config import check_numbers
 from immunize.errors import ImmunizeError
 from immunize.generation import check_generation_format
 from immunize.models.aliases import DEFAULT_MODEL
@@ -201,6 +202,27 @@ class EvaluationConfig:
         ):
             if getattr(self, name) == 0:
                 raise ImmunizeError(f"--{name} 0: must be at least 1")
+        check_numbers(self)
+        self._check_names()
+
+    def _check_names(self) -> None:
+        """Judges, sections and tasks by name, so a typo fails before anything is written or loaded."""
+        from immunize.evaluation.registry import SECTIONS
+        from immunize.evaluation.trainability import TRAINABILITY_TASKS
+        from immunize.judges.registry import find_judge
+        from immunize.tasks import CAPABILITY_TASKS
+
+        for f in dataclasses.fields(self):
+            if f.name.endswith(("_judge", "_judge_fallback")) and getattr(self, f.name) is not None:
+                find_judge(getattr(self, f.name), f"--{f.name}")
+        sections = "" if self.sections.strip() == "all" else self.sections
+        for option, text, what, known in (
+                ("sections", sections, "section", SECTIONS.names()), ("skip", self.skip, "section", SECTIONS.names()),
+                ("capability_tasks", self.capability_tasks, "task", list(CAPABILITY_TASKS)),
+                ("trainability_tasks", self.trainability_tasks, "task", list(TRAINABILITY_TASKS))):
+            for name in split_list(text):
+                if name not in known:
+                    raise ImmunizeError(f"--{option} {name!r}: unknown {what} (known: {', '.join(known)})")
 
 
 def resolve_suite(cfg: EvaluationConfig) -> EvaluationConfig:
@@ -214,11 +236,16 @@ def split_list(value: str | None) -> list[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
-def fixed_subset(items: Sequence[T], n: int | None, key: Callable[[T], str]) -> list[T]:
+def fixed_subset(items: Sequence[T], n: int | None, key: Callable[[T], str], *, option: str,
+                 source: str) -> list[T]:
     """``n`` items (all when n is 0 or None) chosen by a stable hash of ``key(item)``.
 
     The same items on every run and machine, independent of the file's order (which may be
     grouped by category), so a small subset is still a fair sample. Returned in hash order.
+    More than ``source`` holds is an error naming ``--option``: fewer than asked for would be
+    scored and reported as if they were the requested sample.
     """
+    if n and n > len(items):
+        raise ImmunizeError(f"--{option} {n}: {source} has only {len(items)}")
     ranked = sorted(items, key=lambda item: hashlib.sha256(key(item).encode("utf-8")).hexdigest())
     return ranked if not n else ranked[:n]

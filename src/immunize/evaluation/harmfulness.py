@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from immunize.data import load_splits
+from immunize.data.beavertails import EVAL_FILE
 from immunize.data.readers import read_table, require
 from immunize.errors import ImmunizeError
 from immunize.evaluation.config import fixed_subset
@@ -68,7 +69,8 @@ def load_harmful_prompts(source: str = "beavertails", samples: int | None = None
     out: list[HarmfulPrompt] = []
     if source in ("beavertails", "both"):
         rows = [HarmfulPrompt(e.prompt, e.category, "beavertails") for e in load_splits(root=root).eval]
-        subset = fixed_subset(rows, samples, key=lambda r: r.prompt)
+        subset = fixed_subset(rows, samples, key=lambda r: r.prompt, option="harmfulness_samples",
+                              source=f"{EVAL_FILE} (evaluation prompts not seen in training)")
         chosen, wanted = {r.prompt for r in subset}, set(categories)
         out += subset + [r for r in rows if r.category in wanted and r.prompt not in chosen]
     if source in ("advbench", "both"):
@@ -76,7 +78,7 @@ def load_harmful_prompts(source: str = "beavertails", samples: int | None = None
         for i, raw in enumerate(read_table(data_root(root) / ADVBENCH_FILE)):
             require(raw, ("Behavior",), f"{ADVBENCH_FILE}: row {i + 2}")
             rows.append(HarmfulPrompt(raw["Behavior"].strip(), "advbench", "advbench"))
-        out += fixed_subset(rows, samples, key=lambda r: r.prompt)
+        out += fixed_subset(rows, samples, key=lambda r: r.prompt, option="harmfulness_samples", source=ADVBENCH_FILE)
     return out
 
 

@@ -64,7 +64,8 @@ class Perplexity(Section):
             for r in load_benign_answers("alpaca_eval", root=ctx.data_root)
             if r.output and split_of(r.instruction) == "heldout"
         ]
-        chosen = fixed_subset(rows, ctx.config.perplexity_samples, key=lambda r: r.instruction)
+        chosen = fixed_subset(rows, ctx.config.perplexity_samples, key=lambda r: r.instruction,
+                              option="perplexity_samples", source="benign/alpaca_eval.json (held-out split)")
         return [[r.instruction, r.output] for r in chosen]
 
     def run(self, ctx, inputs):

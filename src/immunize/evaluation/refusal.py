@@ -27,7 +27,8 @@ class OverRefusal(Section):
 
     def inputs(self, ctx):
         instructions = load_harmless_instructions("test", root=ctx.data_root)
-        return fixed_subset(instructions, ctx.config.overrefusal_samples, key=lambda text: text)
+        return fixed_subset(instructions, ctx.config.overrefusal_samples, key=lambda text: text,
+                            option="overrefusal_samples", source="benign/harmless_test.json")
 
     def run(self, ctx, inputs):
         cfg = ctx.config

@@ -272,8 +272,14 @@ def evaluate(
     names = selected_sections(config)
     if not names:
         raise ImmunizeError("--sections/--skip: no section left to run")
+    # The model and every judge the selected sections need are checked (loaded) before anything is
+    # written: a bad one fails before any work is done, leaving no provenance of a run that never ran.
+    model_fp = ctx.model_fingerprint
+    for name in names:
+        for role in get_section(name).judges:
+            ctx.judge(role)
     out.mkdir(parents=True, exist_ok=True)
-    write_provenance(out, {"evaluate": config}, {"model_fingerprint": ctx.model_fingerprint})
+    write_provenance(out, {"evaluate": config}, {"model_fingerprint": model_fp})
     summary: dict[str, Any] = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -282,10 +288,6 @@ def evaluate(
         "config_fingerprint": fingerprint(config_to_dict(config)),
         "sections": {},
     }
-    # Load every judge the selected sections need now: a missing one fails before any work is done.
-    for name in names:
-        for role in get_section(name).judges:
-            ctx.judge(role)
     start, cpu_start = time.perf_counter(), time.process_time()
     for name in names:
         section = get_section(name)

@@ -32,7 +32,8 @@ class Toxicity(Section):
 
     def inputs(self, ctx):
         rows = [r for r in load_decodingtrust(root=ctx.data_root) if r.kind == "toxic_test"]
-        chosen = fixed_subset(rows, ctx.config.toxicity_samples, key=lambda r: r.prompt)
+        chosen = fixed_subset(rows, ctx.config.toxicity_samples, key=lambda r: r.prompt, option="toxicity_samples",
+                              source="decodingtrust/training_dataset.jsonl (toxic_test rows)")
         return [{"prompt": r.prompt, "prompt_toxicity": r.prompt_toxicity} for r in chosen]
 
     def run(self, ctx, inputs):

@@ -48,11 +48,13 @@ def load_task(task: str, *, root, train_examples: int, eval_samples: int | None)
             f"--trainability_steps × --trainability_batch_size = {train_examples} examples, but "
             f"{task} has only {len(train)} training rows"
         )
-    chosen = fixed_subset(train, train_examples, key=lambda r: r.mr + "\n" + r.ref)
+    chosen = fixed_subset(train, train_examples, key=lambda r: r.mr + "\n" + r.ref,
+                          option="trainability_steps", source=f"{task} train")
     references: dict[str, list[str]] = {}
     for row in load_data_to_text(task, "test", root=root):
         references.setdefault(row.mr, []).append(row.ref)
-    test_mrs = fixed_subset(list(references), eval_samples, key=lambda mr: mr)
+    test_mrs = fixed_subset(list(references), eval_samples, key=lambda mr: mr, option="trainability_eval_samples",
+                            source=f"{task} test (distinct meaning representations)")
     return {"train": [[r.mr, r.ref] for r in chosen], "test": [[mr, references[mr]] for mr in test_mrs]}
 
 

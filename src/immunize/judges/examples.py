@@ -23,6 +23,7 @@ from immunize.data import (
     looks_like_refusal,
 )
 from immunize.data.beavertails import QA_FILE
+from immunize.data.corpora import first_turns
 from immunize.data.readers import read_table, require
 from immunize.data.refusals import SAFE_RESPONSE_FILES, XSTEST_FILES
 from immunize.data.splits import prompt_position
@@ -105,12 +106,7 @@ def _harmful_answers(root: Path) -> list[tuple[str, str]]:
     out = []
     for i, row in enumerate(read_table(root / HARMFUL_ANSWERS_FILE)):
         where = f"{HARMFUL_ANSWERS_FILE}: row {i + 1}"
-        require(row, ("messages",), where)
-        messages = row["messages"]
-        if not isinstance(messages, list):
-            raise ImmunizeError(f"{where}: 'messages' must be a list")
-        user = next((m.get("content") for m in messages if m.get("role") == "user"), None)
-        answer = next((m.get("content") for m in messages if m.get("role") == "assistant"), None)
+        user, answer = first_turns(row, where)
         if not user or not answer:
             raise ImmunizeError(f"{where}: needs a user and an assistant message")
         out.append((user.strip(), answer.strip()))

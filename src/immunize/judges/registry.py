@@ -68,15 +68,21 @@ def judge_entries() -> list[JudgeEntry]:
     return [_view(entry) for entry in JUDGES]
 
 
-def _entry(spec: str) -> tuple[Entry, str | None]:
-    """The entry of ``spec`` and, for a prefix family, the model named after the prefix."""
+def find_judge(spec: Any, flag: str = "--judge") -> tuple[Entry, str | None]:
+    """The entry of ``spec`` and, for a prefix family, the model named after the prefix; an unknown
+    name is a one-line error naming ``flag`` (nothing is imported, so configs check names early)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ImmunizeError(f"{flag}: give a judge name (see `immunize judge list`)")
+    spec = spec.strip()
     if spec in JUDGES and not spec.endswith(":"):
         return JUDGES.entry(spec), None
     prefix, sep, rest = spec.partition(":")
     if sep and f"{prefix}:" in JUDGES:
+        if not rest:
+            raise ImmunizeError(f"{flag} {spec}: name a model after {prefix + ':'!r}, e.g. {prefix}:owner/name")
         return JUDGES.entry(f"{prefix}:"), rest
     known = ", ".join(e.name + ("<model>" if e.is_prefix else "") for e in judge_entries())
-    raise ImmunizeError(f"--judge {spec!r}: unknown judge (known: {known})")
+    raise ImmunizeError(f"{flag} {spec!r}: unknown judge (known: {known})")
 
 
 def _check_options(spec: str, target: Callable[..., Any], fixed: dict[str, Any], options: dict[str, Any]) -> None:
@@ -92,11 +98,7 @@ def _check_options(spec: str, target: Callable[..., Any], fixed: dict[str, Any],
 
 def load_judge(spec: str, **options: Any) -> Judge:
     """The judge named ``spec``, configured by ``options`` (see `immunize judge list`)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ImmunizeError("--judge: give a judge name (see `immunize judge list`)")
-    entry, model = _entry(spec.strip())
-    if model is not None and not model:
-        raise ImmunizeError(f"--judge {spec}: name a model after {entry.name!r}, e.g. {entry.name}owner/name")
+    entry, model = find_judge(spec)
     target = JUDGES.get(entry.name)
     _check_options(spec, target, entry.fixed, options)
     if model is None:

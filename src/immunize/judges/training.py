@@ -8,7 +8,6 @@ head is then fitted on all examples.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -20,7 +19,7 @@ import numpy as np
 
 from immunize.config import git_revision, package_versions
 from immunize.errors import ImmunizeError
-from immunize.io import atomic_write_json, atomic_write_text
+from immunize.io import atomic_write_json, atomic_write_text, publish_dir
 from immunize.judges.card import render_readme
 from immunize.judges.encoders import EmbeddingCache, TextEncoder
 from immunize.judges.examples import BUILDERS, ExampleSet, fold_of
@@ -30,6 +29,7 @@ from immunize.judges.metrics import binary_metrics, regression_metrics
 from immunize.judges.ngrams import NgramModel, fit_ngrams
 from immunize.judges.specs import SPECS, TrainedJudgeSpec
 from immunize.judges.trained import CARD_FILE, FORMAT_VERSION, META_FILE, embed_views, ensemble, judge_dir
+from immunize.locks import cache_lock
 from immunize.paths import data_root
 
 Progress = Callable[[str], None]
@@ -169,18 +169,7 @@ def _write_judge(target: Path, head, ngrams: NgramModel | None, spec: TrainedJud
         atomic_write_json(staging / META_FILE, meta)
         atomic_write_json(staging / CARD_FILE, card)
         atomic_write_text(staging / "README.md", render_readme(card))
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
-            os.replace(target, old / target.name)
-        try:
-            os.replace(staging, target)
-        except BaseException:
-            if old is not None:  # put the previous judge back
-                os.replace(old / target.name, target)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -198,6 +187,9 @@ def train_judges(names: list[str], *, encoder_name: str = "minilm", device: str 
         raise ImmunizeError(f"--judges: {', '.join(unknown) or 'nothing given'} (trainable: {', '.join(SPECS)})")
     encoder = make_encoder(encoder_name, device=device, batch_size=batch_size)
     out_root = Path(out_root) if out_root is not None else judges_dir()
-    cache = EmbeddingCache(f"{out_root}/embeddings", encoder.identity, encoder.dim) if embedding_cache else None
-    return {name: train_judge(name, encoder=encoder, data_root_dir=data_root_dir, out_root=out_root, cache=cache,
-                              folds=folds, progress=progress) for name in names}
+    # One process at a time writes the judges and their embedding cache; the cache is read under
+    # the lock, so a process that waited reuses every text the first one embedded.
+    with cache_lock(out_root, "the trained judges"):
+        cache = EmbeddingCache(f"{out_root}/embeddings", encoder.identity, encoder.dim) if embedding_cache else None
+        return {name: train_judge(name, encoder=encoder, data_root_dir=data_root_dir, out_root=out_root,
+                                  cache=cache, folds=folds, progress=progress) for name in names}

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -20,6 +19,8 @@ from pathlib import Path
 import torch
 
 from immunize.errors import ImmunizeError
+from immunize.io import publish_dir, read_json
+from immunize.locks import cache_lock
 from immunize.models.aliases import ALIASES
 from immunize.paths import cache_dir
 
@@ -71,6 +72,7 @@ def resolve_model_source(name: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ImmunizeError(f"model {name!r}: directory has no config.json (not a Hugging Face checkpoint)")
+        _check_config(path / "config.json")
         return str(path.resolve())
     if _HUB_ID.match(name) and not name.startswith((".", "~")):
         return name
@@ -80,12 +82,48 @@ def resolve_model_source(name: str) -> str:
     )
 
 
-def _gguf_checkpoint(gguf: Path) -> Path:
+def _check_config(path: Path) -> None:
+    """A checkpoint's ``config.json`` is a JSON object naming an architecture transformers knows.
+
+    Read here because transformers reports both deep inside loading, as a multi-line ValueError
+    or an OSError, and only once the run has started writing. A config with ``auto_map`` defines
+    its own architecture in remote code, which transformers itself accepts or refuses.
+    """
+    from transformers import CONFIG_MAPPING, __version__
+
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ImmunizeError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if model_type is not None and "auto_map" not in config and (
+            not isinstance(model_type, str) or model_type not in CONFIG_MAPPING):
+        raise ImmunizeError(f"{path}: unknown model_type {model_type!r} "
+                            f"(not an architecture transformers {__version__} knows)")
+
+
+def conversion_target(gguf: Path) -> Path:
+    """Where the fp32 copy of ``gguf`` lives in the cache (a changed file gets a new copy)."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    target = models_cache() / f"{gguf.stem}-fp32-{key}"
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-        return target
+    return models_cache() / f"{gguf.stem}-fp32-{key}"
+
+
+def _gguf_checkpoint(gguf: Path) -> Path:
+    target = conversion_target(gguf)
+    if not _converted(target):
+        # Another process on this machine may be converting the same file: wait, then reuse its copy.
+        with cache_lock(target, f"the fp32 copy of {gguf.name}"):
+            if not _converted(target):
+                _dequantize(gguf, target)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
+
+
+def _dequantize(gguf: Path, target: Path) -> None:
+    """Write ``gguf`` as an fp32 safetensors checkpoint into ``target`` (staged, then swapped in)."""
     log.info("dequantizing %s to fp32 safetensors in %s (once)", gguf.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,13 +142,11 @@ def _gguf_checkpoint(gguf: Path) -> Path:
     try:
         plain.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / "immunize-source.json").write_text(json.dumps({"gguf": str(gguf), "size": stat.st_size}))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        (staging / "immunize-source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
+        publish_dir(staging, target)  # replaces an incomplete earlier conversion
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):

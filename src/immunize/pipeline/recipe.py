@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
-import typing
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +58,17 @@ LEGACY_HINT = ("is a key of the old flat recipe shape; methods are now labelled 
                "num_samples: 256}], attacks: [{label: sft, per_device_train_batch_size: 8, curve_every_steps: 4, "
                "grid: {learning_rate: [8e-5], num_samples: [64], seed: [42]}}] (README, 'Recipes')")
 DEFAULT_ALIGNMENT = "safety-sft"
+# The evaluations a run makes: these sections of every defended model, harmfulness after each attack.
+PRE_ATTACK_SECTIONS = "harmfulness,overrefusal,toxicity,capability,perplexity,trainability"
+POST_ATTACK_SECTIONS = "harmfulness"
+# Evaluation option ← the run option that sets it (unset ones are the suite's).
+EVAL_OPTIONS = {
+    "suite": "eval_suite", "harmfulness_samples": "eval_harmfulness_samples",
+    "harmfulness_max_new_tokens": "eval_max_new_tokens", "harmfulness_judge": "harmfulness_judge",
+    "capability_limit": "eval_capability_limit", "trainability_steps": "eval_trainability_steps",
+    "trainability_tasks": "eval_trainability_tasks", "trainability_eval_samples": "eval_trainability_eval_samples",
+    "toxicity_samples": "eval_toxicity_samples", "overrefusal_samples": "eval_overrefusal_samples",
+}
 
 
 def _default_defences() -> list[Any]:
@@ -139,7 +149,11 @@ class RunConfig(RunOptions):
     attack_entries: list[MethodEntry] = field(init=False, default_factory=list)
 
     def __post_init__(self):
+        from immunize.config import check_at_least, check_numbers
+
         check_format(self.prompt_format)
+        check_numbers(self)
+        check_at_least(self, 1, "curve_max_new_tokens")
         for name in ("analysis_examples", "analysis_lens_tokens"):
             if getattr(self, name) < 1:
                 raise ImmunizeError(f"--{name}: must be positive, got {getattr(self, name)}")
@@ -273,6 +287,25 @@ class RunConfig(RunOptions):
         for entry in self.attack_entries:
             cfg = self._checked(entry, lambda e=entry: self.attack_config(e, self.model, where))
             self._checked(entry, lambda c=cfg: expand_grid(c))
+        for sections in (PRE_ATTACK_SECTIONS, POST_ATTACK_SECTIONS):  # their judges too
+            try:
+                self.eval_config("", sections)
+            except ImmunizeError as err:  # named as the recipe's option (--eval_harmfulness_samples)
+                raise ImmunizeError(re.sub(r"^--(\w+)", lambda m: f"--{EVAL_OPTIONS.get(m[1], m[1])}",
+                                           str(err))) from None
+
+    def eval_config(self, model: str, sections: str, **extra):
+        """The evaluation of ``sections`` of ``model`` under this recipe."""
+        from immunize.evaluation.config import EvaluationConfig
+
+        given = {name: getattr(self, option) for name, option in EVAL_OPTIONS.items()
+                 if getattr(self, option) is not None}
+        return EvaluationConfig(
+            model=model, sections=sections, data_root=self.data_root, dtype=self.dtype,
+            prompt_format=self.prompt_format, seed=self.seed,
+            # Held-out categories are rare among the evaluation prompts: take all of theirs, so that
+            # generalization is measured at all.
+            harmfulness_categories=",".join(self.held_out_categories), **given, **extra)
 
     def _checked(self, entry: MethodEntry, build):
         kind = "align" if entry is self.alignment else (
@@ -300,26 +333,10 @@ def _config_class(kind: str, method: str, where: str) -> type:
 
 
 def _coerce(cls: type, name: str, value: Any, flag: str) -> Any:
-    """Scalars to the option's type (``8e-5`` read as text by YAML → float); lists kept as lists."""
-    from immunize.attacks.grid import coerce
+    """An entry's value as its option's type (``8e-5`` read as text by YAML → float; see coerce_option)."""
+    from immunize.config import coerce_option, option_types
 
-    hint = typing.get_type_hints(cls).get(name)
-    origin = typing.get_origin(hint)
-    if origin is list or hint is list or (origin in (typing.Union, types.UnionType)
-                                         and any(typing.get_origin(a) is list for a in typing.get_args(hint))):
-        return value if isinstance(value, list) else [value]
-    if hint is str and isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
-        return ",".join(str(v) for v in value)  # comma-list options (ablate: [noise, ascent])
-    if isinstance(value, (list, dict)):
-        dict_typed = hint is dict or origin is dict or any(
-            a is dict or typing.get_origin(a) is dict for a in typing.get_args(hint))
-        if isinstance(value, dict) and dict_typed:
-            return value
-        raise ImmunizeError(f"{flag}: expected a single value, got {value!r}")
-    try:
-        return coerce(cls, name, value)
-    except ImmunizeError as err:
-        raise ImmunizeError(f"{flag}: {str(err).split(': ', 1)[-1]}") from None
+    return coerce_option(option_types(cls)[name], value, flag)
 
 
 # ---- parsing -------------------------------------------------------------------------------------
@@ -404,4 +421,17 @@ def parse_run_config(argv: list[str], *, prog: str = "immunize run", description
     (flat,) = parse_config([RunOptions], rest, prog=prog, description=description, values=values, source=source)
     for path, text in nested:
         _apply(methods, path, text)
-    return RunConfig(**dataclasses.asdict(flat), **methods)
+    try:
+        return RunConfig(**dataclasses.asdict(flat), **methods)
+    except ImmunizeError as err:
+        if not known.config or _set_by_flag(str(err), [".".join(path) for path, _ in nested] + sorted(flags)):
+            raise
+        raise ImmunizeError(f"{known.config}: {err}") from None
+
+
+def _set_by_flag(message: str, given: list[str]) -> bool:
+    """Whether the option an error names (``--defences.repnoise.alpha ...``) may have come from a flag
+    rather than the recipe file (then the file is not blamed)."""
+    named = re.match(r"--([\w.-]+)", message)
+    return named is None or any(g == named[1] or g.startswith(named[1] + ".") or named[1].startswith(g + ".")
+                                for g in given)

@@ -15,13 +15,13 @@ from typing import Any
 
 from immunize.config import fingerprint, git_revision, package_versions, write_provenance
 from immunize.io import atomic_write_json, read_json, read_jsonl
-from immunize.pipeline.recipe import RunConfig
+from immunize.pipeline.recipe import POST_ATTACK_SECTIONS, PRE_ATTACK_SECTIONS, RunConfig
 from immunize.pipeline.stages import Progress, Stage, StageRunner
+from immunize.redact import redact, redact_argv
 
 log = logging.getLogger(__name__)
 
 RESULTS_SCHEMA = "immunize.results/1"
-PRE_ATTACK_SECTIONS = "harmfulness,overrefusal,toxicity,capability,perplexity,trainability"
 # results.json stability metric ← (evaluation section, metric, higher is better)
 STABILITY_METRICS = {
     "mmlu_acc": ("capability", "mmlu", True),
@@ -74,37 +74,26 @@ class Experiment:
         self.stages = StageRunner(self.root, self.progress)
         self.models: dict[str, dict[str, Any]] = {}
 
-    # -- shared option blocks --------------------------------------------------------------
-    def _eval_config(self, model: str, sections: str, **extra):
-        from immunize.evaluation import EvaluationConfig
-
-        c = self.cfg
-        sizes = {"capability_limit": c.eval_capability_limit, "trainability_steps": c.eval_trainability_steps,
-                 "trainability_tasks": c.eval_trainability_tasks,
-                 "trainability_eval_samples": c.eval_trainability_eval_samples,
-                 "toxicity_samples": c.eval_toxicity_samples, "overrefusal_samples": c.eval_overrefusal_samples}
-        return EvaluationConfig(
-            model=model, suite=c.eval_suite, sections=sections, data_root=c.data_root, dtype=c.dtype,
-            prompt_format=c.prompt_format, seed=c.seed, harmfulness_samples=c.eval_harmfulness_samples,
-            harmfulness_max_new_tokens=c.eval_max_new_tokens, harmfulness_judge=c.harmfulness_judge,
-            # Held-out categories are rare among the evaluation prompts: take all of theirs, so that
-            # generalization is measured at all.
-            harmfulness_categories=",".join(c.held_out_categories),
-            **{k: v for k, v in sizes.items() if v is not None}, **extra,
-        )
-
     # -- stages ----------------------------------------------------------------------------
     def judges(self) -> dict[str, str | None]:
         """Train the trainable judges this run scores with if this machine has none yet; their state.
 
         The state (a hash of each trained head) enters the keys of the stages that judge, so
         retraining the judges recomputes their scores instead of reusing the old heads' ones.
+        Another run on this machine training them meanwhile is waited for, and its judges reused.
         """
+        from immunize.judges.trained import judges_dir
+        from immunize.locks import cache_lock
+
+        with cache_lock(judges_dir(), "the trained judges"):
+            return self._judges()
+
+    def _judges(self) -> dict[str, str | None]:
         from immunize.judges import judge_entries
         from immunize.judges.trained import judges_dir, outdated, trained_state
         from immunize.judges.training import train_judges
 
-        config = self._eval_config("", PRE_ATTACK_SECTIONS)
+        config = self.cfg.eval_config("", PRE_ATTACK_SECTIONS)
         used = {config.harmfulness_judge, config.refusal_judge, config.toxicity_judge}
         trainable = {entry.name for entry in judge_entries() if entry.trained}
         state = trained_state()
@@ -163,7 +152,7 @@ class Experiment:
     def evaluate(self, label: str, model: str, model_key: str, sections: str, **extra) -> dict[str, Any]:
         from immunize.evaluation import evaluate
 
-        config = self._eval_config(model, sections, **extra)
+        config = self.cfg.eval_config(model, sections, **extra)
         stage = Stage("evaluate", label, {"model": model_key, "config": dataclasses.asdict(config) | {"model": ""},
                                           "judges": self.judges_state},
                       weight=1.5 if "," in sections else 0.5)
@@ -236,6 +225,14 @@ class Experiment:
 
     # -- the whole experiment ----------------------------------------------------------------
     def run(self) -> Path:
+        """Every stage, then results.json and the report; the run directory is held throughout, so a
+        second process on it fails at once (the runners inside lock their own stage directories)."""
+        from immunize.locks import run_lock
+
+        with run_lock(self.root):
+            return self._run()
+
+    def _run(self) -> Path:
         from immunize.defences import get_defence
 
         c = self.cfg
@@ -274,13 +271,13 @@ class Experiment:
                 self.models[label] = {"role": "attacked", "defence": name, "budget": budget["id"],
                                       "path": run["path"], "fingerprint": run_key}
                 self.models_key[label] = run_key
-                post[name][budget["id"]] = self.evaluate(label, run["path"], run_key, "harmfulness")
+                post[name][budget["id"]] = self.evaluate(label, run["path"], run_key, POST_ATTACK_SECTIONS)
                 budget["steps"] = run["steps"]
 
         defence_info = {}
         for entry in c.defence_entries:
             defence = get_defence(entry.method)
-            defence_info[entry.label] = {"defence": entry.method, "options": entry.options,
+            defence_info[entry.label] = {"defence": entry.method, "options": redact(entry.options),
                                          "keeps_capability": defence.keeps_capability,
                                          "attack_adapter": defence.attack_adapter}
         results = self.assemble(pre, post, attacked)
@@ -292,7 +289,7 @@ class Experiment:
             "name": c.name, "recipe": recipe_record(c), "started": started,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_seconds": round(time.perf_counter() - clock, 1),
             "provenance": {"git_revision": git_revision(), "versions": package_versions(),
-                           "command": ["immunize", "run", *getattr(self, "argv", [])]},
+                           "command": redact_argv(["immunize", "run", *getattr(self, "argv", [])])},
         }
         from immunize.report.build import build_report
         from immunize.verdict import immunization_verdict
@@ -349,7 +346,8 @@ class Experiment:
 
 
 def recipe_record(cfg: RunConfig) -> dict[str, Any]:
-    """The recipe as run: run-wide options and the entries as given, with every option resolved."""
+    """The recipe as run: run-wide options and the entries as given, with every option resolved
+    (secret-like values masked: results.json is meant to be shared)."""
     record = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init
               and f.name not in ("align", "defences", "attacks")}
 
@@ -359,7 +357,7 @@ def recipe_record(cfg: RunConfig) -> dict[str, Any]:
     record["align"] = entry(cfg.alignment) if cfg.alignment else False
     record["defences"] = [entry(e) for e in cfg.defence_entries]
     record["attacks"] = [entry(e) for e in cfg.attack_entries]
-    return record
+    return redact(record)
 
 
 def _metric(doc: dict | None, name: str) -> dict | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from immunize.config import fingerprint
 from immunize.io import atomic_write_json, read_json
+from immunize.redact import redact
 
 STAGE_MARKER = "stage.json"
 
@@ -81,7 +82,7 @@ class StageRunner:
         start = time.perf_counter()
         result = fn(path)
         seconds = time.perf_counter() - start
-        atomic_write_json(marker, {"kind": stage.kind, "label": stage.label, "key": stage.key,
+        atomic_write_json(marker, {"kind": stage.kind, "label": stage.label, "key": redact(stage.key),
                                    "seconds": round(seconds, 2), "result": result})
         self.progress.done += 1
         self.progress.computed_seconds.append(seconds)

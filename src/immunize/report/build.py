@@ -13,7 +13,6 @@ import base64
 import html
 import json
 import math
-import os
 import shlex
 import shutil
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from immunize.io import atomic_write_bytes, atomic_write_text
+from immunize.io import atomic_write_bytes, atomic_write_text, publish_dir
 from immunize.report import figures
 from immunize.report.schema import SCHEMA_VERSION, load_results
 from immunize.verdict import LOWER_BOUND, NA, NO_CAPABILITY, baseline, immunization_verdict, thresholds
@@ -645,27 +644,8 @@ def build_report(run_dir: str | Path, *, phi: float | None = None, epsilon: floa
     try:
         page = render_html(results, staging / "figures", phi=phi, epsilon=epsilon)
         atomic_write_text(staging / "index.html", page)
-        _swap_in(staging, target)
+        publish_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target / "index.html"
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """Replace the directory ``target`` by ``staging``; the old report survives until the new one is in."""
-    # mkdtemp/mkstemp create private (0700/0600) entries; a report is meant to be shared.
-    for path in [staging, *staging.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=".report.old."))
-    os.replace(target, old / "report")
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(old / "report", target)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -21,7 +20,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from immunize.data.readers import read_table, typed
 from immunize.errors import ImmunizeError
+from immunize.io import publish_dir, read_json
+from immunize.locks import cache_lock
 from immunize.paths import cache_dir, data_root
 
 CAPABILITY_TASKS: dict[str, str] = {
@@ -31,6 +33,7 @@ CAPABILITY_TASKS: dict[str, str] = {
 }
 MMLU_DIR = "capability/mmlu"
 TRUTHFULQA_FILE = "capability/truthfulqa/mc_task.json"
+MMLU_LETTERS = ("A", "B", "C", "D")  # the choices mmlu_subject.yaml shows and scores
 _TEMPLATES = ("mmlu_subject.yaml", "mmlu_group.yaml", "truthfulqa_mc1.yaml", "truthfulqa_mc2.yaml")
 
 
@@ -66,6 +69,27 @@ def mmlu_subjects(root: Path) -> list[str]:
     return sorted(p.name for p in base.iterdir() if p.is_dir() and (p / "test.jsonl").is_file())
 
 
+def check_mmlu_subject(directory: Path, num_fewshot: int = 0) -> None:
+    """Every row of a subject's ``test.jsonl`` and ``dev.jsonl`` as the MMLU template reads it, and
+    enough ``dev`` rows for the shots: lm-eval would fail deep inside, or quietly use fewer."""
+    for split in ("test", "dev"):
+        path = directory / f"{split}.jsonl"
+        rows = read_table(path)
+        for i, row in enumerate(rows):
+            check_mmlu_row(row, f"{path}: row {i + 1}")
+        if split == "dev" and num_fewshot > len(rows):
+            raise ImmunizeError(f"--mmlu_num_fewshot {num_fewshot}: {path} has only {len(rows)} rows")
+
+
+def check_mmlu_row(row: dict, where: str) -> None:
+    typed(row, "question", str, where)
+    if typed(row, "answer", str, where) not in MMLU_LETTERS:
+        raise ImmunizeError(f"{where}: field 'answer' must be one of {', '.join(MMLU_LETTERS)}, got {row['answer']!r}")
+    choices = typed(row, "choices", dict, where)
+    for letter in MMLU_LETTERS:
+        typed(choices, letter, str, f"{where}: field 'choices'")
+
+
 def _file_digest(path: Path) -> str:
     if not path.is_file():
         raise ImmunizeError(f"{path}: file not found (capability data)")
@@ -74,24 +98,22 @@ def _file_digest(path: Path) -> str:
 
 def convert_truthfulqa(source: Path) -> list[dict]:
     """``mc_task.json`` rows → ``{"question", "mc1_targets": {"choices", "labels"}, "mc2_targets": ...}``."""
-    try:
-        data = json.loads(source.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ImmunizeError(f"{source}:{err.lineno}: malformed JSON ({err.msg})") from None
-    if not isinstance(data, list):
-        raise ImmunizeError(f"{source}: expected a JSON list of questions")
+    data = read_json(source)
+    if not isinstance(data, list) or not data:
+        raise ImmunizeError(f"{source}: expected a non-empty JSON list of questions")
     rows = []
     for i, item in enumerate(data):
         where = f"{source}: question {i + 1}"
         if not isinstance(item, dict) or "question" not in item:
             raise ImmunizeError(f"{where}: missing field question")
-        row = {"question": str(item["question"])}
+        row = {"question": typed(item, "question", str, where)}
         for field in ("mc1_targets", "mc2_targets"):
             targets = item.get(field)
             if not isinstance(targets, dict) or not targets:
                 raise ImmunizeError(f"{where}: {field} must be a non-empty object of answer → 0/1")
-            labels = [int(v) for v in targets.values()]
-            if 1 not in labels or any(v not in (0, 1) for v in labels):
+            labels = list(targets.values())
+            # Exactly the integers 0 and 1: int() would read "1", 1.5 or true as a label.
+            if 1 not in labels or any(type(v) is not int or v not in (0, 1) for v in labels):
                 raise ImmunizeError(f"{where}: {field} needs 0/1 labels with at least one true answer")
             row[field] = {"choices": [str(k) for k in targets], "labels": labels}
         if row["mc1_targets"]["labels"].count(1) != 1:
@@ -125,6 +147,8 @@ def materialize(
                 f"--mmlu_subjects: unknown subject(s) {', '.join(missing)} "
                 f"(under {base / MMLU_DIR}: {', '.join(available)})"
             )
+        for subject in chosen:
+            check_mmlu_subject(base / MMLU_DIR / subject, mmlu_num_fewshot)
     want_tqa = any(t.startswith("truthfulqa") for t in tasks)
     digests = {name: hashlib.sha256(_template(name).encode()).hexdigest() for name in _TEMPLATES}
     for subject in chosen:
@@ -141,9 +165,16 @@ def materialize(
     out = Path(target) if target else cache_dir() / "lm_eval_tasks" / key
     names = {t: CAPABILITY_TASKS[t] for t in tasks}
     result = MaterializedTasks(out, names, tuple(chosen), key)
-    if (out / "complete").is_file():
-        return result
+    if not (out / "complete").is_file():
+        # Another run on this machine may be writing the same files: wait for it, then reuse them.
+        with cache_lock(out, "the lm-eval task files"):
+            if not (out / "complete").is_file():
+                _write_tasks(out, key, base, chosen, want_tqa, mmlu_num_fewshot)
+    return result
 
+
+def _write_tasks(out: Path, key: str, base: Path, chosen: list[str], want_tqa: bool, mmlu_num_fewshot: int) -> None:
+    """The task YAMLs (and converted TruthfulQA rows) into a staging directory, then swapped in."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -183,10 +214,7 @@ def materialize(
             )
             (staging / "truthfulqa_mc2.yaml").write_text(_template("truthfulqa_mc2.yaml"), encoding="utf-8")
         (staging / "complete").write_text(key)
-        if out.exists():  # an incomplete earlier attempt
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        publish_dir(staging, out)  # replaces an incomplete earlier attempt
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return result
