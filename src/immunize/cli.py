@@ -51,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("IMMUNIZE_LOG", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(importlib.import_module(commands[name]).main(rest) or 0)
+        from immunize.config import COMMAND
+
+        token = COMMAND.set(["immunize", name, *rest])
+        try:
+            return int(importlib.import_module(commands[name]).main(rest) or 0)
+        finally:
+            COMMAND.reset(token)
     except ImmunizeError as err:
         print(f"immunize {name}: error: {err}", file=sys.stderr)
         return 2

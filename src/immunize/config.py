@@ -11,6 +11,7 @@ for command files, recipe entries and grids) and every parsed config goes throug
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -279,6 +280,11 @@ def git_revision(root: Path = _PROJECT_ROOT) -> str | None:
     return out + ("-dirty" if dirty else "")
 
 
+# The command being run, as the user typed it: ``immunize.cli.main`` sets it for the duration of one
+# command, so a command called in-process (tests, notebooks) records its own argv, not the host's.
+COMMAND: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("immunize_command", default=None)
+
+
 def write_provenance(out_dir: str | Path, configs: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
     """Write ``config.yaml`` (the resolved config) and ``provenance.json`` next to a run's outputs,
     secret-like option values masked in both (``immunize.redact``)."""
@@ -289,7 +295,7 @@ def write_provenance(out_dir: str | Path, configs: dict[str, Any], extra: dict[s
     atomic_write_json(
         out_dir / "provenance.json",
         {
-            "command": redact_argv(sys.argv),
+            "command": redact_argv(COMMAND.get() or sys.argv),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "git_revision": git_revision(),
             "versions": package_versions(),
