@@ -36,7 +36,17 @@ def isolated_cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def small_data_root(tmp_path, real_data_root) -> Path:
     """A writable copy of the small files of the data root (for malformed-input tests)."""
-    root = tmp_path / "data"
+    return copy_small_data_root(real_data_root, tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def shared_small_data_root(tmp_path_factory, real_data_root) -> Path:
+    """``small_data_root`` made once per session, for tests that only read it."""
+    return copy_small_data_root(real_data_root, tmp_path_factory.mktemp("small-data") / "data")
+
+
+def copy_small_data_root(real_data_root: Path, root: Path) -> Path:
+    """Copy the small files of ``real_data_root`` (and the first 200 QA rows) to ``root``."""
     for rel in ("beavertails/eval_prompts.jsonl", "refusals/adv_training_behaviors_safe_responses.csv",
                 "tasks/viggo/valid.csv"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)

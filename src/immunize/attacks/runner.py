@@ -29,8 +29,9 @@ from immunize.config import write_provenance
 from immunize.data import BeaverTailsSplits, load_splits
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_jsonl, read_json
-from immunize.locks import run_lock
+from immunize.locks import is_rank_zero, run_lock
 from immunize.method_runner import (
+    check_identity,
     claim,
     data_licences,
     finish,
@@ -171,8 +172,10 @@ def _run_attacks(cfg: AttackArguments, scorers: Sequence[StepScorer], callbacks:
             report(f"{prefix}: training")
             results[run.run_id] = _train(attack, run, prepared, scorers, callbacks)
             report(f"{prefix}: {describe(results[run.run_id])}")
-            write_index(Path(cfg.output_dir))
-    write_index(Path(cfg.output_dir))
+            if is_rank_zero():
+                write_index(Path(cfg.output_dir))
+    if is_rank_zero():  # the other ranks of a distributed job work under rank 0's lock: it writes the index
+        write_index(Path(cfg.output_dir))
     return [results[run.run_id] for run in runs]
 
 
@@ -183,12 +186,15 @@ def _train(attack: Attack, run: PlannedRun, prepared: _Prepared, scorers: Sequen
     cfg = run.cfg
     data = prepared.data.take(cfg.num_samples, cfg.max_length)
     identity = method_identity(attack.name, cfg, run.model_fingerprint, fingerprint(data.examples, 64))
-    claim(Path(cfg.output_dir), identity)
-    write_provenance(cfg.output_dir, {"attack": cfg}, extra={
-        "run_id": run.run_id, "attack": attack.name, "grid_point": run.point,
-        "budget": budget(run, len(data.examples)),
-        "model": {"name": cfg.model, "fingerprint": run.model_fingerprint}, "data": data.summary(),
-    })
+    if is_rank_zero():  # every rank checks the folder; rank 0 alone (the lock holder) writes in it
+        claim(Path(cfg.output_dir), identity)
+        write_provenance(cfg.output_dir, {"attack": cfg}, extra={
+            "run_id": run.run_id, "attack": attack.name, "grid_point": run.point,
+            "budget": budget(run, len(data.examples)),
+            "model": {"name": cfg.model, "fingerprint": run.model_fingerprint}, "data": data.summary(),
+        })
+    else:
+        check_identity(Path(cfg.output_dir), identity)
     set_seed(cfg.seed)  # before the model: LoRA adapters are initialized at random
     model, tokenizer = attack.load_model(cfg)
     # A defence's attack-time adapter (if the checkpoint declares one) is on, frozen, while the
@@ -215,6 +221,8 @@ def _train(attack: Attack, run: PlannedRun, prepared: _Prepared, scorers: Sequen
                          description=f"Attacked model: {attack.summary}. For measuring defences only.",
                          extra={"budget": budget(run, len(data.examples)), "attack_adapter": attached})
     finish(out, summary, keep_checkpoints=cfg.keep_checkpoints, is_main=trainer.is_world_process_zero())
+    # No rank goes on (to the next run, or to read this one) before rank 0 has written the marker.
+    trainer.accelerator.wait_for_everyone()
     return RunResult(run.run_id, Path(cfg.output_dir), "trained", run.point, summary, rows)
 
 
