@@ -87,6 +87,10 @@ def cache_lock(target: str | Path, what: str) -> Iterator[None]:
 
 @contextmanager
 def _made(directory: Path, option: str) -> Iterator[None]:
+    from immunize.io import check_output_dir
+
+    # Every runner takes its lock before loading anything: an unusable place fails here, at once.
+    check_output_dir(directory, option)
     made = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
     try:
         directory.mkdir(parents=True, exist_ok=True)

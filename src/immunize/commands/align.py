@@ -8,13 +8,11 @@ HELP = "safety-align a model (refusals on harmful prompts + benign answers) into
 def main(argv: list[str]) -> int:
     from immunize.alignment import AlignmentConfig, align
     from immunize.config import parse_config
-    from immunize.io import check_output_dir
     from immunize.method_runner import is_complete
 
     (cfg,) = parse_config([AlignmentConfig], argv, prog="immunize align",
                           description=f"{HELP}; options are those of `immunize defend --defence safety-sft`, "
                                       "with the alignment defaults")
-    check_output_dir(cfg.output_dir, "--output_dir")
     out = align(cfg)
     record = is_complete(out) or {}
     print(f"aligned model: {out} ({record.get('steps', '?')} steps, "

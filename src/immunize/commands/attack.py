@@ -42,10 +42,8 @@ def parse(argv: list[str]):
 def main(argv: list[str]) -> int:
     from immunize.attacks import run_attacks
     from immunize.attacks.runner import describe
-    from immunize.io import check_output_dir
 
     cfg = parse(argv)
-    check_output_dir(cfg.output_dir, "--output_dir")
     results = run_attacks(cfg, report=print)
     print(f"\n{len(results)} run(s) in {cfg.output_dir} (index: attacks.jsonl)")
     for result in results:

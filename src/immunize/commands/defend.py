@@ -57,7 +57,6 @@ def parse(argv: list[str]):
 
 
 def main(argv: list[str]) -> int:
-    from immunize.io import check_output_dir
     from immunize.method_runner import run_defence
 
     parsed = parse(argv)
@@ -65,7 +64,6 @@ def main(argv: list[str]) -> int:
         print(_usage())
         return 0
     name, cfg = parsed
-    check_output_dir(cfg.output_dir, "--output_dir")
     out = run_defence(name, cfg)
     print(f"immunize defend: {name} finished; model in {out}")
     return 0

@@ -23,10 +23,8 @@ def main(argv: list[str]) -> int:
     (cfg,) = parse_config([EvaluationConfig], argv, prog="immunize evaluate", description=HELP)
     from immunize.evaluation import evaluate, get_section, section_names
     from immunize.evaluation.runner import headline_text
-    from immunize.io import check_output_dir
     from immunize.locks import run_lock
 
-    check_output_dir(cfg.output_dir, "--output_dir")
     _set_threads(cfg.threads)
     with run_lock(cfg.output_dir):  # a second evaluation into the same directory fails at once
         summary = evaluate(config=cfg, verbose=True)

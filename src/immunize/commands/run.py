@@ -8,12 +8,10 @@ HELP = ("run a whole experiment from a recipe: align, defend, attack, evaluate, 
 
 
 def main(argv: list[str]) -> int:
-    from immunize.io import check_output_dir
     from immunize.pipeline.recipe import parse_run_config
     from immunize.pipeline.run import Experiment
 
     cfg = parse_run_config(argv, prog="immunize run", description=HELP)
-    check_output_dir(cfg.output_dir, "--output_dir")
     experiment = Experiment(cfg)
     experiment.argv = list(argv)
     report = experiment.run()
