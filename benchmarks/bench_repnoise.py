@@ -176,12 +176,11 @@ def run_variant(name: str, model_name: str, features_path: str, steps: int) -> d
             out = model(input_ids=batch["input_ids"][b:], attention_mask=batch["attention_mask"][b:],
                         labels=labels[b:])
             return out.loss, {}
-        generator = torch.Generator().manual_seed(SEED)
         if name.startswith("repnoise"):
-            loss, terms, _ = repnoise_loss(model, batch, options, generator)
+            loss, terms, _ = repnoise_loss(model, batch, options, seed=SEED)
             return loss, {"stability": terms.stability.item(), "noise": terms.noise.item(),
                           "ascent": terms.ascent.item()}
-        return naive_loss(model, batch, options, generator)
+        return naive_loss(model, batch, options, torch.Generator().manual_seed(SEED))
 
     def step():
         optimizer.zero_grad(set_to_none=True)

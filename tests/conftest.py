@@ -47,8 +47,9 @@ def shared_small_data_root(tmp_path_factory, real_data_root) -> Path:
 
 def copy_small_data_root(real_data_root: Path, root: Path) -> Path:
     """Copy the small files of ``real_data_root`` (and the first 200 QA rows) to ``root``."""
-    for rel in ("beavertails/eval_prompts.jsonl", "refusals/adv_training_behaviors_safe_responses.csv",
-                "tasks/viggo/valid.csv"):
+    from immunize.data.refusals import SAFE_RESPONSE_FILES, XSTEST_FILES
+
+    for rel in ("beavertails/eval_prompts.jsonl", *SAFE_RESPONSE_FILES, *XSTEST_FILES, "tasks/viggo/valid.csv"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(real_data_root / rel, root / rel)
     qa = (real_data_root / "beavertails/qa.jsonl").read_text().splitlines()[:200]

@@ -16,11 +16,13 @@ from immunize.defences import DEFENCES, available_defences, defence_config, get_
 from immunize.defences.losses import head_cross_entropy, mmd_rbf, mmd_rbf_checkpointed
 from immunize.defences.paired import PairedCollator, encode_pairs, first_divergence
 from immunize.defences.repnoise import (
+    ExampleNoise,
     RepNoiseConfig,
     RepNoiseOptions,
     RepNoiseTrainer,
     _Readout,
     build_defence_pairs,
+    example_seed,
     repnoise_loss,
     select_layers,
 )
@@ -72,8 +74,9 @@ def _generator(seed=1234):
 # ---------------------------------------------------------------------------------------------
 # An independent naive reference: masks by Python loops over the raw features, the model's own
 # hidden states and full-vocabulary logits for every layer and position, and the original code's
-# expand-based MMD. It shares only the noise-sampling convention (one (B, W, d) Gaussian draw per
-# chosen layer in layer order for sequence MMD; (N, d) per layer for token MMD).
+# expand-based MMD. It shares only the noise-sampling convention: one generator per harmful row,
+# seeded by ``example_seed`` from the row's tokens, drawing (tokens in M, d) per chosen layer in
+# layer order.
 
 NAIVE_MODULES = {  # (decoder layers, MLP attribute, final norm) written out by hand, not from the table
     "llama": (lambda m: m.model.layers, "mlp", lambda m: m.model.norm),
@@ -145,22 +148,23 @@ def naive_terms(model, arch, features, opts: RepNoiseOptions, seed=1234):
         chosen = [n_layers - 1] if "lens" in opts.ablate else ([-1] if opts.lens_embeddings else []) + layers
         terms["ascent"] = torch.stack([ce(full_logits(i), hlabels) for i in chosen]).mean()
     if "noise" not in opts.ablate:
-        gen = torch.Generator().manual_seed(seed)
+        gens = [torch.Generator().manual_seed(example_seed(seed, 0, list(f["harmful_input_ids"]))) for f in features]
         values = []
         for i in layers:
             acts = mlp_out[i][:b] if opts.activations == "mlp" else (
                 out.hidden_states[i + 1][:b] if i < n_layers - 1 else None)
             if acts is None:  # the last layer's residual output is pre-norm: undo nothing, recompute it
                 acts = _last_residual(model, arch, ids, att)[:b]
+            noise = torch.zeros(acts.shape)
+            for row, gen in enumerate(gens):
+                positions = [t for t in range(width) if mask[row, t]]
+                noise[row, positions] = torch.randn(len(positions), acts.shape[-1], generator=gen)
             if opts.mmd_level == "sequence":
                 m = mask[..., None].float()
-                noise = torch.randn(acts.shape, generator=gen)
                 values.append(naive_mmd((acts * m).reshape(b, -1), (noise * m).reshape(b, -1),
                                         opts.mmd_kernels, opts.mmd_multiplier, opts.mmd_bandwidth))
             else:
-                tokens = acts[mask]
-                noise = torch.randn(tokens.shape, generator=gen)
-                values.append(naive_mmd(tokens, noise, opts.mmd_kernels, opts.mmd_multiplier,
+                values.append(naive_mmd(acts[mask], noise[mask], opts.mmd_kernels, opts.mmd_multiplier,
                                         opts.mmd_bandwidth))
         terms["noise"] = torch.stack(values).mean()
     loss = terms.get("stability", 0.0) + opts.beta * terms.get("noise", 0.0)
@@ -186,7 +190,7 @@ def _grads(model):
 
 def _compare_with_naive(arch, features, opts):
     model = tiny_model(arch)
-    loss, terms, _ = repnoise_loss(model, _batch(features), opts, _generator())
+    loss, terms, _ = repnoise_loss(model, _batch(features), opts, seed=1234)
     loss.backward()
     ours = _grads(model)
     model.zero_grad(set_to_none=True)
@@ -243,9 +247,9 @@ def test_no_token_id_is_special(features, tokenizer):
     """Padding with a real token id, or a real answer token with id 0, changes nothing."""
     opts = RepNoiseOptions()
     model = tiny_model("llama")
-    reference, ref_terms, _ = repnoise_loss(model, _batch(features, pad=0), opts, _generator())
+    reference, ref_terms, _ = repnoise_loss(model, _batch(features, pad=0), opts, seed=1234)
     pad_a = tokenizer.convert_tokens_to_ids("a")
-    loss, terms, _ = repnoise_loss(model, _batch(features, pad=pad_a), opts, _generator())
+    loss, terms, _ = repnoise_loss(model, _batch(features, pad=pad_a), opts, seed=1234)
     torch.testing.assert_close(loss, reference)
     assert terms.harmful_tokens == ref_terms.harmful_tokens
     # An answer containing id 0 (the tokenizer's <pad>) is scored like any other token.
@@ -254,7 +258,7 @@ def test_no_token_id_is_special(features, tokenizer):
     f["harmful_labels"] = [*f["harmful_labels"][:-1], 0]
     batch = _batch([f])
     assert batch["harmful_targets"][0, len(f["harmful_input_ids"]) - 1] == 0
-    _, terms, _ = repnoise_loss(model, batch, opts, _generator())
+    _, terms, _ = repnoise_loss(model, batch, opts, seed=1234)
     assert terms.harmful_tokens == int(batch["harmful_mask"][0, 1:].sum())
 
 
@@ -315,13 +319,13 @@ def test_head_cross_entropy_matches_full_logits(chunk, wrapped):
 # The loss on fixed-init models
 
 # Computed once with this implementation (and equal to the naive reference below) on
-# tiny_model("llama"), the PAIRS above, chat format, noise seed 1234.
-GOLDEN_LLAMA = {"stability": 4.737790, "noise": 3.591270, "ascent": 4.798555, "loss": 2.983772}
+# tiny_model("llama"), the PAIRS above, chat format, noise seed 1234 at step 0 (noise drawn per example).
+GOLDEN_LLAMA = {"stability": 4.737790, "noise": 3.645618, "ascent": 4.798554, "loss": 2.983827}
 GOLDEN_LLAMA_ASCENT_PER_LAYER = [4.844844, 4.802679, 4.748141]  # embeddings, layer 0, layer 1
 
 
 def test_golden_loss_terms(features):
-    loss, terms, _ = repnoise_loss(tiny_model("llama"), _batch(features), RepNoiseOptions(), _generator())
+    loss, terms, _ = repnoise_loss(tiny_model("llama"), _batch(features), RepNoiseOptions(), seed=1234)
     got = {"stability": terms.stability.item(), "noise": terms.noise.item(), "ascent": terms.ascent.item(),
            "loss": loss.item()}
     for name, value in GOLDEN_LLAMA.items():
@@ -362,10 +366,10 @@ def test_options_match_naive_reference(variant, features):
 def test_no_mask_ablation_matches_naive_reference(features):
     opts = RepNoiseOptions(ablate=frozenset({"mask"}))
     model = tiny_model("llama")
-    loss, terms, _ = repnoise_loss(model, _batch(features, all_tokens=True), opts, _generator())
+    loss, terms, _ = repnoise_loss(model, _batch(features, all_tokens=True), opts, seed=1234)
     naive_loss, _ = naive_terms(model, "llama", features, opts)
     torch.testing.assert_close(loss, naive_loss, rtol=1e-5, atol=1e-6)
-    default = repnoise_loss(model, _batch(features), RepNoiseOptions(), _generator())[1]
+    default = repnoise_loss(model, _batch(features), RepNoiseOptions(), seed=1234)[1]
     assert terms.harmful_tokens > default.harmful_tokens
 
 
@@ -379,7 +383,7 @@ def test_first_diverging_token_gets_gradient():
                "refusal_input_ids": [*prompt, 41], "refusal_labels": [-100] * 4 + [41], "divergence": 4}
     model = tiny_model("llama")
     opts = RepNoiseOptions(ablate=frozenset({"stability", "noise", "lens"}))
-    loss, terms, _ = repnoise_loss(model, _batch([feature]), opts, _generator())
+    loss, terms, _ = repnoise_loss(model, _batch([feature]), opts, seed=1234)
     assert terms.harmful_tokens == 1
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([feature["harmful_input_ids"]])).logits
@@ -404,7 +408,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(features):
         model = tiny_model("llama").train()
         if checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": False})
-        loss, _, _ = repnoise_loss(model, batch, RepNoiseOptions(mmd_level="token"), _generator())
+        loss, _, _ = repnoise_loss(model, batch, RepNoiseOptions(mmd_level="token"), seed=1234)
         loss.backward()
         results.append((loss.detach(), _grads(model)))
     torch.testing.assert_close(results[0][0], results[1][0])
@@ -416,9 +420,9 @@ def test_peft_wrapped_model_gives_the_base_loss(features):
     from peft import LoraConfig, get_peft_model
 
     batch = _batch(features)
-    reference, _, _ = repnoise_loss(tiny_model("llama"), batch, RepNoiseOptions(), _generator())
+    reference, _, _ = repnoise_loss(tiny_model("llama"), batch, RepNoiseOptions(), seed=1234)
     wrapped = get_peft_model(tiny_model("llama"), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
-    loss, _, _ = repnoise_loss(wrapped, batch, RepNoiseOptions(), _generator())
+    loss, _, _ = repnoise_loss(wrapped, batch, RepNoiseOptions(), seed=1234)
     torch.testing.assert_close(loss, reference)  # LoRA starts at zero: same function, same loss
     loss.backward()
     trained = [n for n, p in wrapped.named_parameters() if p.requires_grad]
@@ -776,3 +780,29 @@ def test_baselines_raise_the_harmful_loss_and_lower_the_refusal_loss(tmp_path, t
     assert refusal_after < refusal_before - 0.1
     logged = [e for e in trainer.state.log_history if "loss" in e]
     assert {"stability", "ascent"} <= logged[0].keys() and "noise" not in logged[0]
+
+
+def test_noise_is_drawn_per_example_not_per_batch():
+    """A row's noise depends on the seed, the step and its own tokens only: not on the rows beside
+    it, its position or the padding (what makes 2 ranks x b equal 1 process x b x 2 accumulation)."""
+    a, b = [5, 6, 7, 8], [9, 10, 11]
+
+    def drawn(rows, width):
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        keep = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)], keep[i, :len(row)] = torch.tensor(row), 1
+        noise = ExampleNoise(7, 3, ids, keep)
+        mask = keep.bool()
+        return [noise.tokens(mask, 4, torch.float32) for _ in range(2)]  # two layers
+
+    together = drawn([a, b], 6)
+    alone = drawn([b, a], 4)
+    for layer in range(2):
+        first, second = together[layer].split([len(a), len(b)])
+        swapped_b, swapped_a = alone[layer].split([len(b), len(a)])
+        assert torch.equal(first, swapped_a) and torch.equal(second, swapped_b)
+    assert not torch.equal(together[0], together[1])  # each layer continues the row's stream
+    other_step = ExampleNoise(7, 4, torch.tensor([a]), torch.ones(1, 4, dtype=torch.long))
+    assert not torch.equal(other_step.tokens(torch.ones(1, 4, dtype=torch.bool), 4, torch.float32),
+                           together[0][:len(a)])

@@ -7,11 +7,13 @@ they are discovered, not listed, so adding a command touches only its own module
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import pkgutil
 import sys
+from collections.abc import Iterator
 
 from immunize.errors import ImmunizeError, Interrupted
 
@@ -29,6 +31,19 @@ def _usage(commands: dict[str, str]) -> str:
     for name, module in sorted(commands.items()):
         lines.append(f"  {name:<10} {importlib.import_module(module).HELP}")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _one_output_per_job() -> Iterator[None]:
+    """In a launched job only the main process prints results and progress (each rank runs the
+    same command); every rank keeps its stderr, so a failure on any rank is seen."""
+    from immunize.distributed import is_main
+
+    if is_main():
+        yield
+        return
+    with open(os.devnull, "w", encoding="utf-8") as quiet, contextlib.redirect_stdout(quiet):
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
         token = COMMAND.set(["immunize", name, *rest])
         try:
-            return int(importlib.import_module(commands[name]).main(rest) or 0)
+            with _one_output_per_job():
+                return int(importlib.import_module(commands[name]).main(rest) or 0)
         finally:
             COMMAND.reset(token)
     except ImmunizeError as err:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from immunize.distributed import share
 from immunize.errors import ImmunizeError
 from immunize.prompts import pad_batch, render_prompt
 
@@ -107,8 +108,14 @@ def generate(
     fmt: str = "chat",
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    across_ranks: bool = False,
 ) -> list[Generation]:
-    """Greedy answers to ``prompts`` (in their order); see the module docstring."""
+    """Greedy answers to ``prompts`` (in their order); see the module docstring.
+
+    ``across_ranks``: in a launched job the ranks share the batches out (``immunize.distributed``)
+    and each returns every answer; a batch is the same whichever rank forms it, so the answers
+    are the single-process ones. Only for a model that runs on each rank alone (not an FSDP or
+    ZeRO-3 shard, whose forward needs every rank)."""
     from transformers import GenerationConfig
 
     check_generation_format(fmt)
@@ -131,27 +138,37 @@ def generate(
     )
     device = next(model.parameters()).device
     stop_set = set(stops)
+    def answer(batch: list[int]) -> list[Generation]:
+        rows = [encoded[i] for i in batch]
+        input_ids = pad_batch(rows, pad, side="left").to(device)
+        attention = pad_batch([[1] * len(r) for r in rows], 0, side="left").to(device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+        answers = []
+        for index, ids in zip(batch, out[:, input_ids.shape[1] :].tolist(), strict=True):
+            end = next((k for k, t in enumerate(ids) if t in stop_set), None)
+            kept = ids if end is None else ids[: end + 1]
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            if fmt == "plain":
+                text = text.split(_PLAIN_TURN_MARKER, 1)[0]
+            answers.append(Generation(prompts[index], text.strip(), len(kept), end is not None))
+        return answers
+
+    def answer_all(batches: list[list[int]]) -> list[list[Generation]]:
+        return [answer(batch) for batch in batches]
+
+    batches = length_sorted_batches([len(e) for e in encoded], batch_size)
     results: list[Generation | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     try:
-        for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
-            rows = [encoded[i] for i in batch]
-            input_ids = pad_batch(rows, pad, side="left").to(device)
-            attention = pad_batch([[1] * len(r) for r in rows], 0, side="left").to(device)
-            with torch.inference_mode():
-                out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
-            new = out[:, input_ids.shape[1] :].tolist()
-            for index, ids in zip(batch, new, strict=True):
-                end = next((k for k, t in enumerate(ids) if t in stop_set), None)
-                kept = ids if end is None else ids[: end + 1]
-                text = tokenizer.decode(kept, skip_special_tokens=True)
-                if fmt == "plain":
-                    text = text.split(_PLAIN_TURN_MARKER, 1)[0]
-                results[index] = Generation(prompts[index], text.strip(), len(kept), end is not None)
+        answered = share(answer_all, batches) if across_ranks else answer_all(batches)
     finally:
         model.train(was_training)
+    for batch, answers in zip(batches, answered, strict=True):
+        for index, generation in zip(batch, answers, strict=True):
+            results[index] = generation
     done = [r for r in results if r is not None]
     elapsed = time.perf_counter() - start
     log.info("generated %d answers, %d tokens in %.1fs", len(done), sum(r.new_tokens for r in done), elapsed)

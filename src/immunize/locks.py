@@ -44,11 +44,6 @@ class _Busy(Exception):
         self.holder = holder
 
 
-def is_rank_zero() -> bool:
-    """Rank 0 of a distributed job (torchrun and accelerate set ``RANK``); a lone process is rank 0."""
-    return int(os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or 0) == 0
-
-
 @contextmanager
 def run_lock(directory: str | Path, option: str = "--output_dir") -> Iterator[None]:
     """Hold ``directory`` (made if missing) for this run; another process holding it fails at once.
@@ -56,8 +51,10 @@ def run_lock(directory: str | Path, option: str = "--output_dir") -> Iterator[No
     Folders made here are removed again if the run leaves them empty, so a run that fails before
     writing anything leaves nothing behind.
     """
+    from immunize.distributed import is_main
+
     directory = Path(directory)
-    if not is_rank_zero():
+    if not is_main():
         yield
         return
     with _made(directory, option):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from immunize.config import write_provenance
+from immunize.distributed import is_main, wait
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_json, atomic_write_text, read_json, share_weights
 from immunize.redact import is_secret, redact
@@ -132,6 +133,13 @@ def method_identity(method: str, cfg: Any, model_fingerprint: str, data_sha256: 
     return {"method": method, "model_fingerprint": model_fingerprint, "data_sha256": data_sha256,
             "data": data_identity(cfg), "dtype": str(dtype).removeprefix("torch."),
             "world_size": cfg.world_size, "options": config_identity(cfg)}
+
+
+def processes(cfg: Any) -> dict[str, int]:
+    """The number of processes, for keys and run ids, when it is not one: per-device batches (and
+    RepNoise's batch statistics) make a run on N processes another computation than on one, while
+    single-process keys stay what they always were."""
+    return {"world_size": cfg.world_size} if cfg.world_size > 1 else {}
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -240,10 +248,10 @@ def save_trained(trainer, tokenizer, *, merge_lora: bool) -> Path:
     return out
 
 
-def finish(out: Path, marker: dict[str, Any], *, keep_checkpoints: bool, is_main: bool = True) -> None:
+def finish(out: Path, marker: dict[str, Any], *, keep_checkpoints: bool) -> None:
     """Drop intermediate checkpoints (unless kept), make the saved weights as readable as the files
-    beside them (``share_weights``) and write the completion marker last."""
-    if not is_main:
+    beside them (``share_weights``) and write the completion marker last (the main process only)."""
+    if not is_main():
         return
     if not keep_checkpoints:
         for ckpt in out.glob("checkpoint-*"):
@@ -282,10 +290,12 @@ def _run_defence(name: str, cfg: Any, kind: str) -> Path:
     if defence.trains and (data is None or not data.features):
         raise ImmunizeError(f"--defence {name}: no training examples (check --num_samples and --max_length)")
 
-    claim(out, identity)
     summary = data.summary if data else None
-    write_provenance(out, {kind: cfg}, extra={"method": name, "kind": kind, "data": summary,
-                                              "base_model_fingerprint": base_fingerprint})
+    if is_main():  # rank 0 holds the directory's lock and writes in it; the others wait for it
+        claim(out, identity)
+        write_provenance(out, {kind: cfg}, extra={"method": name, "kind": kind, "data": summary,
+                                                  "base_model_fingerprint": base_fingerprint})
+    wait()
     timer = StepTimer()
     record: dict[str, Any] = {}
     if defence.trains:
@@ -297,20 +307,20 @@ def _run_defence(name: str, cfg: Any, kind: str) -> Path:
                   "first_log": history[0] if history else None, "last_log": history[-1] if history else None,
                   **timer.summary(trainer.state.global_step)}
         model = trainer.model
-        extras = defence.save_extras(cfg, model, out) if trainer.is_world_process_zero() else {}
+        extras = defence.save_extras(cfg, model, out) if is_main() else {}
         evaluated = defence.evaluated_model(cfg, model)
         if evaluated is not model:
             trainer.model = trainer.model_wrapped = evaluated
         save_trained(trainer, tokenizer, merge_lora=cfg.merge_lora)
-        is_main = trainer.is_world_process_zero()
     else:
+        # Nothing trains: the model is built (the same on every rank) and saved once.
         model, tokenizer = defence.build_model(cfg)
-        extras = defence.save_extras(cfg, model, out)
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        extras = defence.save_extras(cfg, model, out) if is_main() else {}
+        if is_main():
+            model.save_pretrained(out, safe_serialization=True)
+            tokenizer.save_pretrained(out)
         record = timer.summary(0)
-        is_main = True
-    if is_main:
+    if is_main():
         from immunize.defences import DEFENCES
 
         entry = DEFENCES.entry(name)
@@ -322,7 +332,8 @@ def _run_defence(name: str, cfg: Any, kind: str) -> Path:
     finish(out, {"method": name, "kind": kind, "defence": name, "base_model": cfg.model,
                  "base_model_fingerprint": base_fingerprint, "options": identity["options"], "data": summary,
                  "keeps_capability": defence.keeps_capability, "attack_adapter": defence.attack_adapter,
-                 **extras, **record}, keep_checkpoints=cfg.keep_checkpoints, is_main=is_main)
+                 **extras, **record}, keep_checkpoints=cfg.keep_checkpoints)
+    wait()  # no rank reads the model (or moves on to the next stage) before the marker is written
     return out
 
 

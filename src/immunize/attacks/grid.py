@@ -96,10 +96,10 @@ def run_id(cfg: Any, model_fingerprint: str) -> str:
     """``{attack}[-lora]-lr{lr}-n{samples}-{e{epochs}|steps{max_steps}}-s{seed}-{hash8}``."""
     budget = f"steps{cfg.max_steps}" if cfg.max_steps and cfg.max_steps > 0 else f"e{cfg.num_train_epochs:g}"
     samples = "all" if cfg.num_samples is None else str(cfg.num_samples)
-    from immunize.method_runner import data_identity
+    from immunize.method_runner import data_identity, processes
 
     # The data by content too: a finished run is skipped by its id alone.
-    digest = fingerprint({"attack": identity(cfg), "model": model_fingerprint, "data": data_identity(cfg)},
-                         length=8)
+    digest = fingerprint({"attack": identity(cfg), "model": model_fingerprint, "data": data_identity(cfg),
+                          **processes(cfg)}, length=8)
     lora = "-lora" if cfg.use_lora else ""
     return f"{cfg.attack}{lora}-lr{cfg.learning_rate:g}-n{samples}-{budget}-s{cfg.seed}-{digest}"

@@ -27,9 +27,10 @@ from immunize.attacks.grid import expand_grid, run_id
 from immunize.attacks.registry import get_attack
 from immunize.config import write_provenance
 from immunize.data import BeaverTailsSplits, load_splits
+from immunize.distributed import is_main, wait
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_jsonl, read_json
-from immunize.locks import is_rank_zero, run_lock
+from immunize.locks import run_lock
 from immunize.method_runner import (
     check_identity,
     claim,
@@ -172,9 +173,9 @@ def _run_attacks(cfg: AttackArguments, scorers: Sequence[StepScorer], callbacks:
             report(f"{prefix}: training")
             results[run.run_id] = _train(attack, run, prepared, scorers, callbacks)
             report(f"{prefix}: {describe(results[run.run_id])}")
-            if is_rank_zero():
+            if is_main():
                 write_index(Path(cfg.output_dir))
-    if is_rank_zero():  # the other ranks of a distributed job work under rank 0's lock: it writes the index
+    if is_main():  # the other ranks of a distributed job work under rank 0's lock: it writes the index
         write_index(Path(cfg.output_dir))
     return [results[run.run_id] for run in runs]
 
@@ -186,7 +187,7 @@ def _train(attack: Attack, run: PlannedRun, prepared: _Prepared, scorers: Sequen
     cfg = run.cfg
     data = prepared.data.take(cfg.num_samples, cfg.max_length)
     identity = method_identity(attack.name, cfg, run.model_fingerprint, fingerprint(data.examples, 64))
-    if is_rank_zero():  # every rank checks the folder; rank 0 alone (the lock holder) writes in it
+    if is_main():  # every rank checks the folder; rank 0 alone (the lock holder) writes in it
         claim(Path(cfg.output_dir), identity)
         write_provenance(cfg.output_dir, {"attack": cfg}, extra={
             "run_id": run.run_id, "attack": attack.name, "grid_point": run.point,
@@ -195,6 +196,7 @@ def _train(attack: Attack, run: PlannedRun, prepared: _Prepared, scorers: Sequen
         })
     else:
         check_identity(Path(cfg.output_dir), identity)
+    wait()
     set_seed(cfg.seed)  # before the model: LoRA adapters are initialized at random
     model, tokenizer = attack.load_model(cfg)
     # A defence's attack-time adapter (if the checkpoint declares one) is on, frozen, while the
@@ -220,9 +222,8 @@ def _train(attack: Attack, run: PlannedRun, prepared: _Prepared, scorers: Sequen
                                                                      cfg.data_root),
                          description=f"Attacked model: {attack.summary}. For measuring defences only.",
                          extra={"budget": budget(run, len(data.examples)), "attack_adapter": attached})
-    finish(out, summary, keep_checkpoints=cfg.keep_checkpoints, is_main=trainer.is_world_process_zero())
-    # No rank goes on (to the next run, or to read this one) before rank 0 has written the marker.
-    trainer.accelerator.wait_for_everyone()
+    finish(out, summary, keep_checkpoints=cfg.keep_checkpoints)
+    wait()  # no rank goes on (to the next run, or to read this one) before rank 0 wrote the marker
     return RunResult(run.run_id, Path(cfg.output_dir), "trained", run.point, summary, rows)
 
 

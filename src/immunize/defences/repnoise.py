@@ -29,6 +29,12 @@ How one micro-step runs:
    recomputation (which must be non-reentrant: the hooked MLP outputs live inside checkpointed
    layers) never re-runs them and hooks never accumulate across steps.
 
+The noise is drawn per example: each harmful row's Gaussian comes from its own generator, seeded
+by ``--seed``, the optimizer step and the row's tokens (``ExampleNoise``), never by the rank, the
+micro-batch or the row's place in the batch. A run on 2 ranks with batch b therefore draws exactly
+the noise of one process with batch b and 2 accumulation steps (the same micro-batches), and
+padding never changes a row's noise: the draw covers the row's tokens in M only.
+
 Labels use -100 and a single shift: the prediction at position p is scored against the label at
 p + 1, for the harmful targets and the refusal labels alike.
 
@@ -54,6 +60,7 @@ as named configurations in ``immunize.defences`` (the reference's branches of th
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -229,11 +236,42 @@ class RepNoiseTerms:
         return torch.stack(parts).sum()
 
 
+class ExampleNoise:
+    """Standard Gaussian noise for the harmful rows of one forward, drawn per example.
+
+    Row r's generator is seeded by ``(seed, step)`` and the row's own tokens (padding excluded),
+    so its noise is the same whichever rank, micro-batch or batch position the row lands in. Each
+    call draws, for every row, one value per token in the mask (row-major, as ``acts[mask]``
+    orders them), continuing each row's stream; the layers call it in layer order.
+    """
+
+    def __init__(self, seed: int, step: int, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.generators = []
+        for ids, keep in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+            tokens = [t for t, k in zip(ids, keep, strict=True) if k]
+            self.generators.append(torch.Generator(device=input_ids.device).manual_seed(
+                example_seed(seed, step, tokens)))
+
+    def tokens(self, mask: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """(tokens in ``mask``, ``width``) noise, rows in order."""
+        counts = mask.sum(1).tolist()
+        return torch.cat([torch.randn(n, width, generator=g, device=mask.device, dtype=dtype)
+                          for g, n in zip(self.generators, counts, strict=True)])
+
+
+def example_seed(seed: int, step: int, tokens: list[int]) -> int:
+    """A 63-bit seed from the run's seed, the optimizer step and one example's tokens."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(f"{seed}/{step}/".encode())
+    digest.update(torch.tensor(tokens, dtype=torch.int64).numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
+
+
 class _Readout:
     """The hooks of one RepNoise forward and the loss terms they produce."""
 
-    def __init__(self, points: ResolvedHookPoints, options: RepNoiseOptions, batch: dict, generator):
-        self.points, self.options, self.generator = points, options, generator
+    def __init__(self, points: ResolvedHookPoints, options: RepNoiseOptions, batch: dict, noise: ExampleNoise):
+        self.points, self.options, self.noise = points, options, noise
         last = points.num_layers - 1
         self.layers = select_layers(options.layers, points.num_layers)
         if options.uses("ascent"):
@@ -329,20 +367,24 @@ class _Readout:
     def _mmd(self, acts: torch.Tensor) -> torch.Tensor:
         kwargs = dict(kernels=self.options.mmd_kernels, multiplier=self.options.mmd_multiplier,
                       bandwidth=self.options.mmd_bandwidth)
+        drawn = self.noise.tokens(self.mask, acts.shape[-1], acts.dtype)
         if self.options.mmd_level == "sequence":
             # One sample per sequence: its activations at the tokens in M, zero elsewhere (the paper).
             keep = self.mask[..., None].to(acts.dtype)
-            noise = torch.randn(acts.shape, generator=self.generator, device=acts.device, dtype=acts.dtype)
-            return mmd_rbf((acts * keep).flatten(1), (noise * keep).flatten(1), **kwargs)
-        tokens = acts[self.mask]
-        noise = torch.randn(tokens.shape, generator=self.generator, device=acts.device, dtype=acts.dtype)
-        return mmd_rbf_checkpointed(tokens, noise, **kwargs)
+            noise = acts.new_zeros(acts.shape)
+            noise[self.mask] = drawn
+            return mmd_rbf((acts * keep).flatten(1), noise.flatten(1), **kwargs)
+        return mmd_rbf_checkpointed(acts[self.mask], drawn, **kwargs)
 
 
-def repnoise_loss(model, batch: dict, options: RepNoiseOptions, generator: torch.Generator | None = None):
-    """One forward of ``model`` on a ``PairedCollator`` batch; returns ``(loss, terms, outputs)``."""
+def repnoise_loss(model, batch: dict, options: RepNoiseOptions, *, seed: int = 0, step: int = 0):
+    """One forward of ``model`` on a ``PairedCollator`` batch; returns ``(loss, terms, outputs)``.
+
+    ``seed`` and ``step`` seed the noise of each harmful example (``ExampleNoise``)."""
     points = resolve_hook_points(model)
-    readout = _Readout(points, options, batch, generator)
+    harmful = batch["harmful_targets"].shape[0]
+    noise = ExampleNoise(seed, step, batch["input_ids"][:harmful], batch["attention_mask"][:harmful])
+    readout = _Readout(points, options, batch, noise)
     with HookSet() as hooks:
         readout.register(hooks)
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -363,17 +405,12 @@ class RepNoiseTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.loss_options: RepNoiseOptions = self.args.loss_options()
         self._logged: dict[str, list[float]] = {}
-        self._micro = (-1, 0)  # (global step, micro-step within it): seeds the noise reproducibly
-
-    def _noise_generator(self, device: torch.device) -> torch.Generator:
-        step, micro = self._micro
-        self._micro = (self.state.global_step, micro + 1 if step == self.state.global_step else 0)
-        seed = hash((self.args.seed, self.args.process_index, *self._micro)) & (2**63 - 1)
-        return torch.Generator(device=device).manual_seed(seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        generator = self._noise_generator(inputs["input_ids"].device)
-        loss, terms, outputs = repnoise_loss(model, inputs, self.loss_options, generator)
+        # The noise is seeded per example and step, not per rank: resumes and other world sizes
+        # draw the same noise for the same examples.
+        loss, terms, outputs = repnoise_loss(model, inputs, self.loss_options, seed=self.args.seed,
+                                             step=self.state.global_step)
         check_finite(loss, self.state.global_step, self.args.output_dir)
         if model.training:
             for name in ("stability", "noise", "ascent"):

@@ -129,6 +129,9 @@ class Capability(Section):
         "seed",
     )
     headline = ("mmlu", "truthfulqa_mc1", "truthfulqa_mc2")
+    # lm-evaluation-harness runs on the main process: its own distributed mode wants to be launched
+    # around a model it loads itself, not handed an already-loaded one.
+    main_only = True
 
     def inputs(self, ctx):
         cfg = ctx.config

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from immunize.distributed import share
 from immunize.errors import ImmunizeError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ class LoadedJudge:
         }
 
     def scores(self, prompts: list[str], responses: list[str]) -> np.ndarray:
-        values = np.asarray(self.judge.score(list(prompts), list(responses)), dtype=np.float64)
+        """The judge's scores; in a launched job every rank calls this and they share the texts out."""
+        values = np.asarray(self._shared(self.judge.score, prompts, responses), dtype=np.float64)
         if values.shape != (len(prompts),):
             raise ImmunizeError(f"judge {self.judge.name!r} returned {values.shape} scores for {len(prompts)} texts")
         if values.size and (not np.isfinite(values).all() or values.min() < 0 or values.max() > 1):
@@ -57,7 +59,17 @@ class LoadedJudge:
         return values
 
     def labels(self, prompts: list[str], responses: list[str]) -> np.ndarray:
-        return np.asarray(self.judge.label(list(prompts), list(responses)), dtype=bool)
+        return np.asarray(self._shared(self.judge.label, prompts, responses), dtype=bool)
+
+    @staticmethod
+    def _shared(method, prompts, responses) -> list:
+        """``method`` over contiguous parts of the (prompt, response) pairs, one per rank, in order.
+        Judges that batch by length see other batches than in one process: their scores agree to
+        float rounding, not bit for bit."""
+        def part(pairs: list[tuple[str, str]]) -> list:
+            return list(method([p for p, _ in pairs], [r for _, r in pairs])) if pairs else []
+
+        return share(part, list(zip(prompts, responses, strict=True)))
 
 
 def _load(name: str) -> Judge:

@@ -57,6 +57,7 @@ def answer_nll(
 class Perplexity(Section):
     options = ("perplexity_samples", "perplexity_max_length", "prompt_format", "bootstrap_resamples", "seed")
     headline = ("perplexity",)
+    main_only = True  # a few hundred forward passes: not worth sharing out
 
     def inputs(self, ctx):
         rows = [

@@ -32,6 +32,9 @@ class Section:
     options: ClassVar[tuple[str, ...]] = ()  # config fields that change the result
     judges: ClassVar[tuple[str, ...]] = ()  # judge roles (see EvaluationContext.judge)
     headline: ClassVar[tuple[str, ...]] = ()  # metrics printed and copied into summary.json
+    # In a launched job: run by the main process alone (work that cannot be shared out across
+    # ranks, and never calls a judge or ``ctx.generate``, which every rank must call together).
+    main_only: ClassVar[bool] = False
 
     def inputs(self, ctx: EvaluationContext) -> Any:
         """The data this section reads (JSON-serializable); part of the cache key."""

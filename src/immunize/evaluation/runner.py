@@ -3,6 +3,11 @@
 ``evaluate`` is the entry point for the CLI and for pipelines: it takes a model name (loaded
 lazily, only if some section has to run) or an already-loaded model, runs the selected sections in
 order, and writes one result per section plus ``summary.json``.
+
+In a launched job every rank calls ``evaluate`` with the same arguments and loads the model on its
+own device. Sections run on every rank (generation and judging are shared out across the ranks,
+``immunize.distributed``), except those marked ``main_only`` (lm-evaluation-harness, perplexity),
+which the main process runs alone; the main process writes every file.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import torch
 
 from immunize.config import config_to_dict, fingerprint, write_provenance
+from immunize.distributed import is_main, on_main, wait
 from immunize.errors import ImmunizeError
 from immunize.evaluation.config import EvaluationConfig, resolve_suite, split_list
 from immunize.evaluation.judging import Judge, LoadedJudge, load_role
@@ -158,9 +164,12 @@ class EvaluationContext:
             fmt=fmt,
             max_new_tokens=max_new_tokens,
             batch_size=self.config.batch_size,
+            across_ranks=True,
         )
 
     def say(self, message: str) -> None:
+        if not is_main():  # one log per job
+            return
         log.info(message)
         if self.verbose:
             print(message, flush=True)
@@ -195,9 +204,9 @@ def run_section(section: Section, ctx: EvaluationContext) -> tuple[dict[str, Any
         return stored, True
     ctx.say(f"[{section.name}] running")
     start, cpu_start = time.perf_counter(), time.process_time()
-    result = section.run(ctx, inputs)
+    result = on_main(lambda: section.run(ctx, inputs)) if section.main_only else section.run(ctx, inputs)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    document = write_result(
+    document = on_main(lambda: write_result(
         ctx.output_dir,
         section.name,
         key=key,
@@ -211,7 +220,7 @@ def run_section(section: Section, ctx: EvaluationContext) -> tuple[dict[str, Any
         rows=result.rows,
         seconds=seconds,
         cpu_seconds=cpu_seconds,
-    )
+    ))
     ctx.say(f"[{section.name}] done in {seconds:.1f}s ({cpu_seconds:.0f} CPU-s): {headline_text(section, document)}")
     return document, False
 
@@ -279,7 +288,8 @@ def evaluate(
         for role in get_section(name).judges:
             ctx.judge(role)
     out.mkdir(parents=True, exist_ok=True)
-    write_provenance(out, {"evaluate": config}, {"model_fingerprint": model_fp})
+    if is_main():
+        write_provenance(out, {"evaluate": config}, {"model_fingerprint": model_fp})
     summary: dict[str, Any] = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -319,5 +329,7 @@ def evaluate(
                 "seconds": document["seconds"],
                 "metrics": headline(get_section(name), document),
             }
-    atomic_write_json(out / "summary.json", summary)
+    if is_main():
+        atomic_write_json(out / "summary.json", summary)
+    wait()  # no rank reads this directory before the summary is written
     return summary

@@ -24,6 +24,7 @@ import numpy as np
 
 from immunize.config import fingerprint
 from immunize.data import load_data_to_text
+from immunize.distributed import from_main, is_main, world_size
 from immunize.errors import ImmunizeError
 from immunize.evaluation.config import fixed_subset, split_list
 from immunize.evaluation.registry import Section, SectionResult
@@ -79,6 +80,7 @@ def _predict(model, tokenizer, test, *, max_new_tokens: int, batch_size: int) ->
         fmt="plain",
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        across_ranks=True,
     )
     return [g.text for g in generations]
 
@@ -96,12 +98,19 @@ def finetune_and_score(
     seed: int,
     generation_batch_size: int = 32,
 ) -> dict[str, Any]:
-    """Fine-tune a copy of ``model`` on ``data["train"]``; ROUGE on ``data["test"]`` before and after."""
+    """Fine-tune a copy of ``model`` on ``data["train"]``; ROUGE on ``data["test"]`` before and after.
+
+    ``batch_size`` is the global batch: in a launched job every rank fine-tunes its copy together
+    (DDP), each with ``batch_size / ranks`` examples a step, so the budget does not depend on the
+    number of processes."""
     from transformers.trainer_callback import PrinterCallback
 
     from immunize.prompts import CausalLMCollator
     from immunize.training import GuardedTrainer, ImmunizeTrainingArguments, tokenize_pairs
 
+    ranks = world_size()
+    if batch_size % ranks:
+        raise ImmunizeError(f"--trainability_batch_size {batch_size}: must divide among the {ranks} processes")
     test = data["test"]
     refs = [r for _, r in test]
     before = _predict(model, tokenizer, test, max_new_tokens=max_new_tokens, batch_size=generation_batch_size)
@@ -116,7 +125,7 @@ def finetune_and_score(
             args = ImmunizeTrainingArguments(
                 output_dir=workdir,
                 max_steps=steps,
-                per_device_train_batch_size=batch_size,
+                per_device_train_batch_size=batch_size // ranks,
                 learning_rate=learning_rate,
                 lr_scheduler_type="constant",
                 warmup_steps=0,
@@ -233,9 +242,11 @@ class Trainability(Section):
             for task, data in inputs.items():
                 key = fingerprint({"model": reference_fp, "task": task, "data": data, "budget": _budget(cfg)})
                 path = cache_dir() / "evaluation" / "trainability" / f"{key}.json"
-                if path.is_file():
+                # The main process's cache decides for every rank (all fine-tune together, or none).
+                cached = from_main(read_json(path) if path.is_file() else None)
+                if cached is not None:
                     ctx.say(f"[trainability] reference {task}: reusing {path}")
-                    runs[task] = _from_json(read_json(path))
+                    runs[task] = _from_json(cached)
                     continue
                 if reference is None:
                     from immunize.models import load_model_and_tokenizer
@@ -249,7 +260,8 @@ class Trainability(Section):
                     )
                 ctx.say(f"[trainability] reference {task}: fine-tuning {cfg.trainability_steps} steps")
                 runs[task] = self._finetune(ctx, *reference, data)
-                atomic_write_json(path, _serializable(runs[task]))
+                if is_main():
+                    atomic_write_json(path, _serializable(runs[task]))
         finally:
             del reference
             gc.collect()

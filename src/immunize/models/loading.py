@@ -34,9 +34,16 @@ def models_cache() -> Path:
 
 
 def choose_device(preference: str | None = None) -> torch.device:
-    """``auto`` (or None) picks CUDA when present, else CPU; anything else is passed to torch."""
+    """``auto`` (or None) picks CUDA when present, else CPU; anything else is passed to torch.
+
+    In a launched job, ``auto`` and a bare ``cuda`` mean this process's own GPU (``LOCAL_RANK``),
+    never GPU 0 for every rank."""
+    from immunize.distributed import is_distributed, local_rank
+
+    if preference in (None, "", "auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank()) if is_distributed() else torch.device("cuda")
     if preference in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     try:
         return torch.device(preference)
     except RuntimeError:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from immunize.config import fingerprint, git_revision, package_versions, write_provenance
+from immunize.distributed import is_main, local_main_first, on_main
 from immunize.io import atomic_write_json, read_json, read_jsonl
 from immunize.pipeline.recipe import POST_ATTACK_SECTIONS, PRE_ATTACK_SECTIONS, RunConfig
 from immunize.pipeline.stages import Progress, Stage, StageRunner
@@ -125,12 +126,12 @@ class Experiment:
 
     def _defence_stage(self, kind: str, label: str, entry, model: str, model_key: str) -> tuple[str, str]:
         """Run one defence entry (or the alignment) on ``model`` as a cached stage; (checkpoint, key)."""
-        from immunize.method_runner import config_identity, data_identity, run_defence
+        from immunize.method_runner import config_identity, data_identity, processes, run_defence
 
         probe = self.cfg.defence_config(entry, model, str(self.root))
         # The identity leaves paths out; the stage key holds what they point at.
         stage = Stage(kind, label, {"model": model_key, "defence": entry.method, "options": config_identity(probe),
-                                    "data": data_identity(probe)},
+                                    "data": data_identity(probe), **processes(probe)},
                       weight=2.0 if kind == "align" else 3.0)
 
         def work(path: Path) -> dict:
@@ -169,7 +170,7 @@ class Experiment:
         """Every budget of one attack entry against one model, sharing data preparation."""
         from immunize.attacks.runner import run_attacks
         from immunize.evaluation.harmfulness import HarmfulnessStepScorer
-        from immunize.method_runner import config_identity, data_identity
+        from immunize.method_runner import config_identity, data_identity, processes
 
         c = self.cfg
         # The judge scorer generates the curve's answers; the built-in scorer adds the harmful-answer
@@ -178,7 +179,7 @@ class Experiment:
         probe = c.attack_config(entry, model, str(self.root))
         stage = Stage("attack", f"{defence}@{entry.label}",
                       {"model": model_key, "attack": entry.method, "options": config_identity(probe),
-                       "data": data_identity(probe), "grid": entry.grid, **pipeline,
+                       "data": data_identity(probe), "grid": entry.grid, **pipeline, **processes(probe),
                        **{name: getattr(probe, name) for name in ("curve", "curve_every_steps", "curve_batch_size",
                                                                   "curve_save_models")},
                        "judge": c.harmfulness_judge, "judges": self.judges_state,
@@ -220,7 +221,8 @@ class Experiment:
         def work(path: Path) -> dict:
             return depth_analysis(models, c, chosen, baseline=self.baseline)
 
-        _, result = self.stages.run(stage, work)
+        # Forward passes of a few models, no training: the main process alone runs them.
+        _, result = self.stages.run(stage, work, every_rank=False)
         return result
 
     # -- the whole experiment ----------------------------------------------------------------
@@ -239,9 +241,13 @@ class Experiment:
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         clock = time.perf_counter()
         self.root.mkdir(parents=True, exist_ok=True)
-        write_provenance(self.root, {"run": c})
-        self.judges_state = self.judges()
-        base, base_fp = self.base()
+        if is_main():
+            write_provenance(self.root, {"run": c})
+        # Machine-local caches (trained judges, the converted model): built once per machine by its
+        # first process; the others then find them.
+        with local_main_first():
+            self.judges_state = self.judges()
+            base, base_fp = self.base()
         aligned, aligned_key = self.align(base, base_fp)
         self.models["aligned"] = {"role": "aligned", "defence": None, "budget": None, "path": aligned,
                                   "fingerprint": aligned_key}
@@ -295,8 +301,12 @@ class Experiment:
         from immunize.verdict import immunization_verdict
 
         results["verdict"] = immunization_verdict(results, c.phi, c.epsilon)
-        atomic_write_json(self.root / "results.json", results)
-        report = build_report(self.root)
+
+        def publish() -> Path:
+            atomic_write_json(self.root / "results.json", results)
+            return build_report(self.root)
+
+        report = on_main(publish)
         self.progress.line(f"report: {report}")
         return report
 

@@ -4,6 +4,11 @@ A stage's directory is named by a hash of everything it depends on (upstream sta
 config, data hashes), so a re-run reuses finished stages, an interrupted stage resumes inside its
 own directory (trainers resume from their last checkpoint), and changing one knob recomputes only
 the stages downstream of it.
+
+In a launched job (``immunize.distributed``) every rank runs a stage's work (training needs them
+all; evaluation shares its generation out), or only the main process for ``every_rank=False``
+stages; the main process alone writes the marker and prints progress, and no rank starts the next
+stage before the marker is written.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from immunize.config import fingerprint
+from immunize.distributed import from_main, is_main, on_main, wait
 from immunize.io import atomic_write_json, read_json
 from immunize.redact import redact
 
@@ -42,6 +48,8 @@ class Progress:
         return f"{seconds / 60:.1f} min"
 
     def line(self, text: str) -> None:
+        if not is_main():  # one progress display per job
+            return
         elapsed = time.perf_counter() - self.started
         print(f"[{self.done}/{self.total} {elapsed / 60:5.1f} min] {text}", file=self.stream, flush=True)
 
@@ -67,8 +75,10 @@ class StageRunner:
         safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in stage.label)
         return self.root / "stages" / f"{stage.kind}-{safe}-{stage.key_hash}"
 
-    def run(self, stage: Stage, fn: Callable[[Path], dict]) -> tuple[Path, dict]:
-        """Run ``fn(stage_dir)`` unless the stage already finished; returns (dir, record)."""
+    def run(self, stage: Stage, fn: Callable[[Path], dict], *, every_rank: bool = True) -> tuple[Path, dict]:
+        """Run ``fn(stage_dir)`` unless the stage already finished; returns (dir, record).
+
+        ``every_rank=False``: only the main process runs ``fn`` (the others get its record)."""
         path = self.path(stage)
         marker = path / STAGE_MARKER
         self.progress.remaining_weight -= stage.weight
@@ -80,10 +90,13 @@ class StageRunner:
         self.progress.line(f"{stage.kind} {stage.label}: running (ETA of the rest {self.progress.eta()})")
         path.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        result = fn(path)
+        # Every rank goes on with the main process's record (the one the marker keeps).
+        result = from_main(fn(path)) if every_rank else on_main(lambda: fn(path))
         seconds = time.perf_counter() - start
-        atomic_write_json(marker, {"kind": stage.kind, "label": stage.label, "key": redact(stage.key),
-                                   "seconds": round(seconds, 2), "result": result})
+        if is_main():
+            atomic_write_json(marker, {"kind": stage.kind, "label": stage.label, "key": redact(stage.key),
+                                       "seconds": round(seconds, 2), "result": result})
+        wait()
         self.progress.done += 1
         self.progress.computed_seconds.append(seconds)
         self.progress.weights.append(stage.weight)

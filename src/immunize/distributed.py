@@ -1,0 +1,139 @@
+"""Which process of a launched job does what: the one module that knows about ranks.
+
+``accelerate launch`` (or ``torchrun``) starts one process per device, each running the same
+command. Training runs on every rank: the Trainer and accelerate place the model (DDP, FSDP2,
+DeepSpeed) and keep the ranks in step. Everything else happens once:
+
+- files (identity, provenance, stage markers, evaluation results, ``results.json``, the report)
+  are written by the main process (global rank 0), which also holds the run-directory lock;
+  the others wait for it (``wait``) before reading what it wrote;
+- machine-local caches (the converted GGUF model, trained judges, task files) are built by each
+  machine's first process while the others wait (``local_main_first``), then reused by them;
+- work that is not training but costs time (evaluation generation and judging) is shared out:
+  ``share`` gives each rank a contiguous part, runs it there, and gathers the parts back in the
+  original order, so every rank ends with the whole, single-process result;
+- work that must not run on several ranks at once (lm-evaluation-harness, perplexity) runs on the
+  main process alone (``on_main``) and its result is sent to the others.
+
+Outside a launched job (``WORLD_SIZE`` unset or 1) every helper is the plain single-process
+behaviour and nothing initialises a process group. Built on accelerate's ``PartialState`` (the
+state the Trainer's own ``Accelerator`` shares): ``main_process_first``, ``wait_for_everyone``,
+``split_between_processes`` and ``gather_object``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from immunize.errors import ImmunizeError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def world_size() -> int:
+    """Processes in this job (1 when not launched)."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK") or 0)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK") or 0)
+
+
+def is_main() -> bool:
+    """The job's main process (global rank 0); a lone process is its own main."""
+    return rank() == 0
+
+
+def _state():
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def wait() -> None:
+    """Every rank reaches this point before any goes on (no-op in a single process)."""
+    if is_distributed():
+        _state().wait_for_everyone()
+
+
+@contextmanager
+def local_main_first() -> Iterator[None]:
+    """This machine's first process runs the block first (it builds the cache), then the others."""
+    if not is_distributed():
+        yield
+        return
+    with _state().local_main_process_first():
+        yield
+
+
+def _gather(value: Any) -> list[Any]:
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
+def _checked(parts: list[tuple[str | None, Any]]) -> list[Any]:
+    """The ranks' results, or the first rank's error raised on every rank (none is left waiting)."""
+    for index, (error, _) in enumerate(parts):
+        if error is not None:
+            raise ImmunizeError(f"rank {index}: {error}")
+    return [value for _, value in parts]
+
+
+def _attempt(fn: Callable[..., R], *args) -> tuple[str | None, R | None]:
+    try:
+        return None, fn(*args)
+    except ImmunizeError as err:
+        return str(err), None
+    except Exception as err:  # any failure must reach the other ranks, or they wait forever
+        return f"{type(err).__name__}: {err}", None
+
+
+def on_main(fn: Callable[[], R]) -> R:
+    """``fn()`` on the main process only; every rank returns its result (or raises its error)."""
+    if not is_distributed():
+        return fn()
+    outcome = _attempt(fn) if is_main() else (None, None)
+    return _checked(_gather(outcome))[0]
+
+
+def from_main(value: T) -> T:
+    """The main process's ``value`` on every rank (so all ranks go on with the same record)."""
+    if not is_distributed():
+        return value
+    return _gather(value if is_main() else None)[0]
+
+
+def share(fn: Callable[[list[T]], list[R]], items: Sequence[T], *, block: int = 1) -> list[R]:
+    """``fn(items)`` computed by all ranks together: rank r takes a contiguous part, whole
+    ``block``-sized groups (a generation batch) at a time; the parts come back in order.
+
+    ``fn`` maps a list to a list of the same length. With ``block`` set to the batch size of a
+    computation that batches its input in order, each rank forms exactly the batches a single
+    process forms, so the result is the single-process one.
+    """
+    if not is_distributed():
+        return fn(list(items))
+    blocks = [list(items[i:i + block]) for i in range(0, len(items), block)]
+    with _state().split_between_processes(blocks) as mine:
+        own = [item for part in mine for item in part]
+        outcome = _attempt(fn, own) if own else (None, [])
+    # ``split_between_processes`` gives ranks contiguous, ordered parts: concatenating them in rank
+    # order restores the input order.
+    parts = _checked(_gather(outcome))
+    out = [value for part in parts for value in part]
+    if len(out) != len(items):
+        raise ImmunizeError(f"sharing {len(items)} items across {world_size()} ranks returned {len(out)}")
+    return out
