@@ -37,8 +37,9 @@ def _usage(commands: dict[str, str]) -> str:
 def _one_output_per_job() -> Iterator[None]:
     """In a launched job only the main process prints results and progress (each rank runs the
     same command); every rank keeps its stderr, so a failure on any rank is seen."""
-    from immunize.distributed import is_main
+    from immunize.distributed import is_main, use_cpu_when_no_gpu
 
+    use_cpu_when_no_gpu()
     if is_main():
         yield
         return

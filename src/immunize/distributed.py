@@ -56,10 +56,26 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def use_cpu_when_no_gpu() -> None:
+    """In a launched job on machines without GPUs, make every accelerate state a CPU one.
+
+    accelerate forms a multi-process CPU state (gloo) only when asked for the CPU: asked without,
+    a process of ``torchrun`` on a CPU machine would see no distributed job at all and train and
+    write alone. ``accelerate launch --cpu`` sets ``ACCELERATE_USE_CPU``; this sets it too for
+    ``torchrun`` (or a launcher without ``--cpu``), so the Trainer's state and ours agree."""
+    if is_distributed() and "ACCELERATE_USE_CPU" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
 def _state():
     from accelerate import PartialState
 
-    return PartialState()
+    # The Trainer's TrainingArguments re-create this shared state with their ``use_cpu``; created
+    # here first, it follows the same switch.
+    return PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"))
 
 
 def wait() -> None:

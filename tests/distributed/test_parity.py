@@ -27,24 +27,21 @@ About 3 minutes on two cores (jobs side by side, mostly imports): run with ``-m 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from .launch import base_env, run_jobs
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-HERE = Path(__file__).parent
 STEPS, BATCH = 4, 2  # two ranks x BATCH against one process x 2*BATCH (or BATCH x 2 accumulation)
 # Measured: DDP 4.8e-7 (losses) / 7.5e-9 (weights); FSDP2 within the same tolerance.
 LOSS_ATOL = 1e-5
 WEIGHT_ATOL = 1e-5
-TIMEOUT = 400  # a hung collective fails the test instead of the suite
 METHODS = ("attack", "repnoise")
 
 # What `accelerate launch --config_file configs/accelerate/fsdp2.yaml` puts in each worker's
@@ -52,18 +49,6 @@ METHODS = ("attack", "repnoise")
 FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
              "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
              "FSDP_RESHARD_AFTER_FORWARD": "true", "IMMUNIZE_TEST_FSDP_ON_CPU": "1"}
-
-
-def launch(ranks: int) -> list[str]:
-    if ranks == 1:
-        return [sys.executable, str(HERE / "worker.py")]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-            str(HERE / "worker.py")]
-
-
-def base_env(write_log: Path) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "IMMUNIZE_WRITE_LOG": str(write_log)}
 
 
 def _common(model: Path, data_root: Path, out: Path) -> list[str]:
@@ -82,28 +67,6 @@ def attack_argv(model: Path, data_root: Path, out: Path, batch: int) -> list[str
 def repnoise_argv(model: Path, data_root: Path, out: Path, accumulation: int) -> list[str]:
     return ["defend", "--defence", "repnoise", *_common(model, data_root, out), "--num_samples", str(2 * BATCH),
             "--per_device_train_batch_size", str(BATCH), "--gradient_accumulation_steps", str(accumulation)]
-
-
-def run_jobs(jobs: dict[str, tuple[int, list[str], dict[str, str]]], logs: Path) -> None:
-    """Start every job, wait for all; fail with the tail of the log of one that did not end well."""
-    running = {}
-    for name, (ranks, argv, env) in jobs.items():
-        log = (logs / f"{name}.log").open("w")
-        running[name] = (log, subprocess.Popen([*launch(ranks), *argv], env=env, stdout=log,
-                                               stderr=subprocess.STDOUT))
-    failed = []
-    for name, (log, process) in running.items():
-        try:
-            code = process.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            code = "timeout"
-        log.close()
-        if code != 0:
-            tail = "\n".join((logs / f"{name}.log").read_text().splitlines()[-30:])
-            failed.append(f"job {name} ended with {code}:\n{tail}")
-    if failed:
-        pytest.fail("\n\n".join(failed))
 
 
 @pytest.fixture(scope="module")
