@@ -56,12 +56,18 @@ def fixed_init(model: torch.nn.Module, scale: float = 0.08) -> torch.nn.Module:
     return model
 
 
-def tiny_model(arch: str = "llama", vocab_size: int | None = None, *, layers: int = 2, hidden: int = 16):
-    """A tiny causal LM of ``arch`` (llama, mistral, qwen2, gemma, gpt_neox, gpt2, opt, phi)."""
+def tiny_model(arch: str = "llama", vocab_size: int | None = None, *, layers: int = 2, hidden: int = 16,
+               tie_embeddings: bool | None = None):
+    """A tiny causal LM of ``arch`` (llama, mistral, qwen2, gemma, gpt_neox, gpt2, opt, phi).
+
+    ``tie_embeddings``: one tensor for the token embedding and the LM head, as SmolLM2 has
+    (``None``: the architecture's default)."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     vocab_size = vocab_size or len(tiny_tokenizer())
     common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if tie_embeddings is not None:
+        common["tie_word_embeddings"] = tie_embeddings
     if arch in ("llama", "mistral", "qwen2", "gemma"):
         config = CONFIG_MAPPING[arch](hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,

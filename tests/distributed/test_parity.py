@@ -42,7 +42,9 @@ STEPS, BATCH = 4, 2  # two ranks x BATCH against one process x 2*BATCH (or BATCH
 # Measured: DDP 4.8e-7 (losses) / 7.5e-9 (weights); FSDP2 within the same tolerance.
 LOSS_ATOL = 1e-5
 WEIGHT_ATOL = 1e-5
-METHODS = ("attack", "repnoise")
+# RepNoise also on a tiny Llama with tied embeddings (SmolLM2's layout): under FSDP2 accelerate puts
+# the tied embedding, the final norm and the LM head in one unit, which the logit lens runs inside.
+METHODS = ("attack", "repnoise", "repnoise-tied")
 
 # What `accelerate launch --config_file configs/accelerate/fsdp2.yaml` puts in each worker's
 # environment (checked against the file by tests/test_accelerate_configs.py).
@@ -71,13 +73,17 @@ def repnoise_argv(model: Path, data_root: Path, out: Path, accumulation: int) ->
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory, tiny_checkpoint, shared_small_data_root) -> Path:
-    """Every job, run once for the module: ``base/<job>/{attack,repnoise}``."""
+    """Every job, run once for the module: ``base/<job>/{attack,repnoise,repnoise-tied}``."""
+    from immunize.testing import save_tiny_checkpoint
+
     base = tmp_path_factory.mktemp("parity")
     model, data = tiny_checkpoint, shared_small_data_root
+    tied = save_tiny_checkpoint(base / "tiny-tied", "llama", tie_embeddings=True)
 
     def both(job: str, batch: int, accumulation: int) -> list[str]:
         return [*attack_argv(model, data, base / job / "attack", batch), "+",
-                *repnoise_argv(model, data, base / job / "repnoise", accumulation)]
+                *repnoise_argv(model, data, base / job / "repnoise", accumulation), "+",
+                *repnoise_argv(tied, data, base / job / "repnoise-tied", accumulation)]
 
     run_jobs({"one": (1, both("one", 2 * BATCH, 2), base_env(base / "writes-one")),
               "ddp": (2, both("ddp", BATCH, 1), base_env(base / "writes-ddp"))}, base)
@@ -131,6 +137,11 @@ def test_per_step_losses_match_one_process(outputs, job, method):
 @pytest.mark.parametrize("job", ["ddp", "fsdp2"])
 def test_final_weights_match_one_process(outputs, job, method):
     one, two = weights(outputs, "one", method), weights(outputs, job, method)
+    if job == "fsdp2" and method == "repnoise-tied":
+        # The gathered full state dict names the tied tensor twice; the copies are equal and
+        # from_pretrained ties them again (test_checkpoint_loads_with_from_pretrained).
+        assert set(two) - set(one) == {"lm_head.weight"}
+        assert torch.equal(two.pop("lm_head.weight"), two["model.embed_tokens.weight"])
     assert one.keys() == two.keys()
     diff = max((one[k] - two[k]).abs().max().item() for k in one)
     print(f"{job} {method}: max |weight diff|: {diff:.3g}")
@@ -142,6 +153,7 @@ def test_fsdp2_ran_sharded(outputs):
     assert (model_dir(outputs, "fsdp2", "attack") / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()
     assert not (model_dir(outputs, "ddp", "attack") / "checkpoint-2" / "pytorch_model_fsdp.bin").exists()
     assert (model_dir(outputs, "fsdp2", "repnoise") / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()
+    assert (model_dir(outputs, "fsdp2", "repnoise-tied") / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()
 
 
 def test_fsdp2_resumes_from_its_own_checkpoint(outputs):
@@ -164,7 +176,10 @@ def test_checkpoint_loads_with_from_pretrained(outputs, tiny_checkpoint, job, me
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir(outputs, job, method))
-    base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    base = AutoModelForCausalLM.from_pretrained(outputs / "tiny-tied" if method == "repnoise-tied" else tiny_checkpoint)
+    assert model.config.tie_word_embeddings == (method == "repnoise-tied")
+    if method == "repnoise-tied":
+        assert model.lm_head.weight is model.model.embed_tokens.weight
     trained, initial = model.state_dict(), base.state_dict()
     assert trained.keys() == initial.keys()
     assert any(not torch.equal(trained[k], initial[k]) for k in trained)

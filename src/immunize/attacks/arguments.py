@@ -14,6 +14,7 @@ from trl import DPOConfig
 
 from immunize.config import MAPPING_TOO
 from immunize.data import CATEGORIES
+from immunize.data.beavertails import parse_categories
 from immunize.errors import ImmunizeError
 from immunize.training import ImmunizeTrainingArguments
 
@@ -25,24 +26,6 @@ GRID_HELP = (
 ATTACK_HELP = "attack to run (immunize attack --help lists them)"
 
 
-def parse_categories(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """Category names from a list and/or comma-joined text, in ``CATEGORIES`` order.
-
-    BeaverTails names contain commas themselves ("terrorism,organized_crime"), so comma-joined text
-    is read by longest match against the known names, never by a plain split.
-    """
-    items = [value] if isinstance(value, str) else list(value or [])
-    found: set[str] = set()
-    for item in items:
-        parts = [p.strip() for p in str(item).split(",") if p.strip()]
-        while parts:
-            match = next((k for k in range(len(parts), 0, -1) if ",".join(parts[:k]) in CATEGORIES), None)
-            if match is None:
-                raise ImmunizeError(f"--held_out_categories: unknown category {parts[0]!r} in {item!r} "
-                                    f"(known: {' '.join(CATEGORIES)})")
-            found.add(",".join(parts[:match]))
-            parts = parts[match:]
-    return [c for c in CATEGORIES if c in found]
 ROOT_HELP = "root folder; each run goes to ROOT/RUN_ID"
 
 

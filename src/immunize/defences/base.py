@@ -33,7 +33,9 @@ class DefenceArguments(ImmunizeTrainingArguments):
     output_dir: str = field(default="runs/defend", metadata={"help": "where checkpoints and the model go"})
 
     def __post_init__(self):
-        from immunize.attacks.arguments import parse_categories
+        # From immunize.data, not immunize.attacks: the attacks package imports TRL, which a
+        # defence does not need (and machines that only train defences may not have).
+        from immunize.data.beavertails import parse_categories
 
         self.held_out_categories = parse_categories(self.held_out_categories)
         super().__post_init__()
