@@ -9,6 +9,9 @@ DeepSpeed) and keep the ranks in step. Everything else happens once:
   the others wait for it (``wait``) before reading what it wrote;
 - machine-local caches (the converted GGUF model, trained judges, task files) are built by each
   machine's first process while the others wait (``local_main_first``), then reused by them;
+- a decision read from a file (a finished stage, a complete run, a stored result) is the main
+  process's, sent to the others, so all ranks take the same path even when their machines see
+  different files;
 - work that is not training but costs time (evaluation generation and judging) is shared out:
   ``share`` gives each rank a contiguous part, runs it there, and gathers the parts back in the
   original order, so every rank ends with the whole, single-process result;
@@ -68,6 +71,17 @@ def use_cpu_when_no_gpu() -> None:
 
         if not torch.cuda.is_available():
             os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+def is_sharded(model) -> bool:
+    """Whether ``model``'s parameters are spread over the ranks (FSDP or DeepSpeed ZeRO-3): its
+    forward then needs every rank, in step, so no rank may generate alone or stop early."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if isinstance(model, (FSDPModule, FullyShardedDataParallel)):
+        return True
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) or hasattr(p, "ds_id")
+               for m in model.modules() for p in m.parameters(recurse=False))
 
 
 def _state():

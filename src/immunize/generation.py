@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from immunize.distributed import share
+from immunize.distributed import is_distributed, is_sharded, share
 from immunize.errors import ImmunizeError
 from immunize.prompts import pad_batch, render_prompt
 
@@ -114,8 +114,8 @@ def generate(
 
     ``across_ranks``: in a launched job the ranks share the batches out (``immunize.distributed``)
     and each returns every answer; a batch is the same whichever rank forms it, so the answers
-    are the single-process ones. Only for a model that runs on each rank alone (not an FSDP or
-    ZeRO-3 shard, whose forward needs every rank)."""
+    are the single-process ones. A sharded model (FSDP, ZeRO-3: its forward needs every rank) is
+    never shared out: every rank answers every prompt, in step (``synced_gpus``)."""
     from transformers import GenerationConfig
 
     check_generation_format(fmt)
@@ -143,7 +143,8 @@ def generate(
         input_ids = pad_batch(rows, pad, side="left").to(device)
         attention = pad_batch([[1] * len(r) for r in rows], 0, side="left").to(device)
         with torch.inference_mode():
-            out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+            out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
+                                 synced_gpus=sharded)
         answers = []
         for index, ids in zip(batch, out[:, input_ids.shape[1] :].tolist(), strict=True):
             end = next((k for k, t in enumerate(ids) if t in stop_set), None)
@@ -157,13 +158,14 @@ def generate(
     def answer_all(batches: list[list[int]]) -> list[list[Generation]]:
         return [answer(batch) for batch in batches]
 
+    sharded = is_distributed() and is_sharded(model)
     batches = length_sorted_batches([len(e) for e in encoded], batch_size)
     results: list[Generation | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     try:
-        answered = share(answer_all, batches) if across_ranks else answer_all(batches)
+        answered = share(answer_all, batches) if across_ranks and not sharded else answer_all(batches)
     finally:
         model.train(was_training)
     for batch, answers in zip(batches, answered, strict=True):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from immunize.config import write_provenance
-from immunize.distributed import is_main, wait
+from immunize.distributed import from_main, is_main, wait
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_json, atomic_write_text, read_json, share_weights
 from immunize.redact import is_secret, redact
@@ -284,7 +284,7 @@ def _run_defence(name: str, cfg: Any, kind: str) -> Path:
     data_sha = data.summary.get("features_sha256") if data else None
     identity = method_identity(name, cfg, base_fingerprint, data_sha)
     check_identity(out, identity)
-    if is_complete(out):
+    if from_main(is_complete(out)):
         log.warning("%s: already complete with the same options; nothing to do", out)
         return out
     if defence.trains and (data is None or not data.features):

@@ -1,4 +1,5 @@
-"""A tiny ``immunize run`` on two real processes (torchrun, gloo on CPU) against the same run on one.
+"""A tiny ``immunize run`` on two real processes (torchrun, gloo on CPU; DDP, then FSDP2) against the
+same run on one.
 
 The recipe is ``tests/test_pipeline.py``'s (align, none and RepNoise, one SFT attack, every
 evaluation section, the analysis), with the same global batch: two ranks with batch 2 against
@@ -6,8 +7,8 @@ one process with batch 2 and 2 accumulation steps, so every training stage sees 
 micro-batches. The judges are a deterministic length judge (``worker.py``). The two-process run
 must finish with one set of stage outputs, written by rank 0 alone, and a ``results.json`` equal
 to the single-process one but for what names the run (times, the command, the recipe's batch
-options, stage paths and keys, which hold the process count). Scores agree to 1e-6 (the
-weights of a two-rank training agree with one process's to float rounding).
+options, stage paths and keys, which hold the process count); scores agree to float rounding
+(``TOLERANCE``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ import pytest
 import yaml
 
 from .launch import base_env, run_jobs
+from .test_parity import FSDP2_ENV
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-TOLERANCE = 1e-6  # scores of two runs whose weights agree to float rounding
+# Scores of runs whose weights agree to float rounding. Measured: DDP equal to the last bit (max
+# |diff| 0); FSDP2 within 2.8e-5 absolute (a perplexity CI bound), 1.9e-6 on TruthfulQA MC2, every
+# text and count equal.
+TOLERANCE = {"two": 1e-6, "fsdp2": 1e-5}
 
 
 def recipe(tmp: Path, model: Path, data_root: Path, accumulation: int) -> dict:
@@ -49,16 +54,20 @@ def recipe(tmp: Path, model: Path, data_root: Path, accumulation: int) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_checkpoint, real_data_root) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("run")
-    jobs = {}
-    for name, ranks, accumulation in (("one", 1, 2), ("two", 2, 1)):
+
+    def job(name: str, ranks: int, accumulation: int, extra_env: dict[str, str]):
         (base / name).mkdir()
         config = base / name / "recipe.yaml"
         config.write_text(yaml.safe_dump(recipe(base / name, tiny_checkpoint, real_data_root, accumulation)))
         env = {**base_env(base / f"writes-{name}"), "IMMUNIZE_TEST_FAKE_JUDGES": "1",
-               "IMMUNIZE_CACHE": str(base / name / "cache")}
-        jobs[name] = (ranks, ["run", "--config", str(config)], env)
-    run_jobs(jobs, base)
-    return {name: base / name / "run" for name in jobs} | {"base": base}
+               "IMMUNIZE_CACHE": str(base / name / "cache"), **extra_env}
+        return ranks, ["run", "--config", str(config)], env
+
+    run_jobs({"one": job("one", 1, 2, {}), "two": job("two", 2, 1, {})}, base)
+    # FSDP2: the trainers shard the model; generation on a sharded model (the attack's curve,
+    # trainability's fine-tuned copy) runs on every rank in step.
+    run_jobs({"fsdp2": job("fsdp2", 2, 1, FSDP2_ENV)}, base)
+    return {name: base / name / "run" for name in ("one", "two", "fsdp2")} | {"base": base}
 
 
 def comparable(results: dict) -> dict:
@@ -72,40 +81,43 @@ def comparable(results: dict) -> dict:
     return out
 
 
-def assert_close(one, two, where="results"):
+def assert_close(one, two, tolerance: float, where="results"):
     if isinstance(one, dict):
         assert isinstance(two, dict) and one.keys() == two.keys(), where
         for key in one:
-            assert_close(one[key], two[key], f"{where}.{key}")
+            assert_close(one[key], two[key], tolerance, f"{where}.{key}")
     elif isinstance(one, list):
         assert isinstance(two, list) and len(one) == len(two), where
         for i, (a, b) in enumerate(zip(one, two, strict=True)):
-            assert_close(a, b, f"{where}[{i}]")
+            assert_close(a, b, tolerance, f"{where}[{i}]")
     elif isinstance(one, float) and isinstance(two, float):
-        assert math.isclose(one, two, rel_tol=TOLERANCE, abs_tol=TOLERANCE), (where, one, two)
+        assert math.isclose(one, two, rel_tol=tolerance, abs_tol=tolerance), (where, one, two)
     else:
         assert one == two, (where, one, two)
 
 
-def test_results_equal_the_single_process_run(runs):
+@pytest.mark.parametrize("job", ["two", "fsdp2"])
+def test_results_equal_the_single_process_run(runs, job):
     one = json.loads((runs["one"] / "results.json").read_text())
-    two = json.loads((runs["two"] / "results.json").read_text())
-    assert_close(comparable(one), comparable(two))
+    two = json.loads((runs[job] / "results.json").read_text())
+    assert_close(comparable(one), comparable(two), TOLERANCE[job])
     assert one["harmfulness"]["repnoise"]["pre_attack"]["n"] > 6  # the comparison covers real answers
 
 
-def test_one_set_of_stage_outputs(runs):
+@pytest.mark.parametrize("job", ["two", "fsdp2"])
+def test_one_set_of_stage_outputs(runs, job):
     one = sorted(p.parent.name.rsplit("-", 1)[0] for p in (runs["one"] / "stages").glob("*/stage.json"))
-    two = sorted(p.parent.name.rsplit("-", 1)[0] for p in (runs["two"] / "stages").glob("*/stage.json"))
+    two = sorted(p.parent.name.rsplit("-", 1)[0] for p in (runs[job] / "stages").glob("*/stage.json"))
     assert one == two and len(two) == 10
-    assert len(list((runs["two"] / "report").glob("index.html"))) == 1
-    assert not list(runs["two"].rglob("*.tmp")) and not list(runs["two"].rglob(".immunize.lock"))
+    assert len(list((runs[job] / "report").glob("index.html"))) == 1
+    assert not list(runs[job].rglob("*.tmp")) and not list(runs[job].rglob(".immunize.lock"))
 
 
-def test_rank_one_writes_nothing_and_rank_zero_writes_each_record_once(runs):
-    logs = sorted(runs["base"].glob("writes-two.rank*"))
+@pytest.mark.parametrize("job", ["two", "fsdp2"])
+def test_rank_one_writes_nothing_and_rank_zero_writes_each_record_once(runs, job):
+    logs = sorted(runs["base"].glob(f"writes-{job}.rank*"))
     writes = {log.name.rsplit(".rank", 1)[1]: log.read_text().splitlines() for log in logs}
     assert writes.get("1", []) == [], f"rank 1 wrote {sorted(set(writes['1']))}"
-    assert writes["0"].count(str(runs["two"] / "results.json")) == 1
+    assert writes["0"].count(str(runs[job] / "results.json")) == 1
     markers = [w for w in writes["0"] if w.endswith("/stage.json")]
     assert len(markers) == len(set(markers)) == 10

@@ -24,6 +24,7 @@ from transformers import GenerationConfig, TrainerCallback
 
 from immunize.attack_adapters import adapter_disabled
 from immunize.data import looks_like_refusal
+from immunize.distributed import is_distributed, is_sharded
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_jsonl, iter_jsonl
 from immunize.prompts import IGNORE_INDEX, PromptFormat, encode, pad_batch, render_prompt
@@ -171,8 +172,9 @@ class KeywordRefusalScorer:
             ids = [tokenizer(t, add_special_tokens=self.fmt == "plain")["input_ids"] for t in texts]
             input_ids = pad_batch(ids, pad, side="left").to(device)
             attention = pad_batch([[1] * len(i) for i in ids], 0, side="left").to(device)
+            # Every rank generates every prompt; a sharded model's ranks must take each step together.
             generated = model.generate(input_ids=input_ids, attention_mask=attention,
-                                       generation_config=config)
+                                       generation_config=config, synced_gpus=is_distributed() and is_sharded(model))
             answers.extend(tokenizer.decode(row, skip_special_tokens=True).strip()
                            for row in generated[:, input_ids.shape[1]:])
         return answers

@@ -27,7 +27,7 @@ from immunize.attacks.grid import expand_grid, run_id
 from immunize.attacks.registry import get_attack
 from immunize.config import write_provenance
 from immunize.data import BeaverTailsSplits, load_splits
-from immunize.distributed import is_main, wait
+from immunize.distributed import from_main, is_main, wait
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_jsonl, read_json
 from immunize.locks import run_lock
@@ -158,13 +158,15 @@ def _run_attacks(cfg: AttackArguments, scorers: Sequence[StepScorer], callbacks:
     position = {run.run_id: i for i, run in enumerate(runs, start=1)}
     for members in groups.values():
         # One tokenization per group, sized for its largest unfinished run (smaller ones take a prefix).
-        pending = [r for r in members if not is_complete(r.cfg.output_dir)]
+        # The main process's markers decide for every rank (all train a run, or none).
+        done_marks = from_main({r.run_id: is_complete(r.cfg.output_dir) for r in members})
+        pending = [r for r in members if not done_marks[r.run_id]]
         sizes = [r.cfg.num_samples for r in pending]
         largest = None if None in sizes else max(sizes, default=0)
         prepared = _prepare(attack, pending[0].cfg, largest) if pending else None
         for run in members:
             prefix = f"[{position[run.run_id]}/{len(runs)}] {run.run_id}"
-            done = is_complete(run.cfg.output_dir)
+            done = done_marks[run.run_id]
             if done is not None:
                 report(f"{prefix}: already complete, skipped")
                 results[run.run_id] = RunResult(run.run_id, Path(run.cfg.output_dir), "skipped", run.point,

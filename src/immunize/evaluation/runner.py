@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from immunize.config import config_to_dict, fingerprint, write_provenance
-from immunize.distributed import is_main, on_main, wait
+from immunize.distributed import from_main, is_main, on_main, wait
 from immunize.errors import ImmunizeError
 from immunize.evaluation.config import EvaluationConfig, resolve_suite, split_list
 from immunize.evaluation.judging import Judge, LoadedJudge, load_role
@@ -199,7 +199,7 @@ def run_section(section: Section, ctx: EvaluationContext) -> tuple[dict[str, Any
         inputs_fingerprint=inputs_fp,
         extra={"dtype": ctx.dtype, **section.extra_key(ctx)},
     )
-    if not cfg.force and (stored := load_matching(ctx.output_dir, section.name, key)):
+    if not cfg.force and (stored := from_main(load_matching(ctx.output_dir, section.name, key))):
         ctx.say(f"[{section.name}] reusing {result_path(ctx.output_dir, section.name)} (key {key})")
         return stored, True
     ctx.say(f"[{section.name}] running")

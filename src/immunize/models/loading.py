@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from immunize.distributed import is_distributed, local_rank
 from immunize.errors import ImmunizeError
-from immunize.io import publish_dir, read_json
+from immunize.io import atomic_write_text, publish_dir, read_json
 from immunize.locks import cache_lock
 from immunize.models.aliases import ALIASES
 from immunize.paths import cache_dir
@@ -38,8 +39,6 @@ def choose_device(preference: str | None = None) -> torch.device:
 
     In a launched job, ``auto`` and a bare ``cuda`` mean this process's own GPU (``LOCAL_RANK``),
     never GPU 0 for every rank."""
-    from immunize.distributed import is_distributed, local_rank
-
     if preference in (None, "", "auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", local_rank()) if is_distributed() else torch.device("cuda")
     if preference in (None, "", "auto"):
@@ -217,8 +216,11 @@ def model_fingerprint(name: str) -> str:
                 digest.update(chunk)
     value = digest.hexdigest()[:16]
     # Read-only checkpoints are fine: the hash is recomputed next time.
-    with contextlib.suppress(OSError):
-        sidecar.write_text(json.dumps({"stamp": stamp, "fingerprint": value}))
+    # Every process of a launched job hashes the checkpoint; each machine's first one keeps the hash
+    # (atomically: machines may share the file system).
+    if local_rank() == 0:
+        with contextlib.suppress(OSError):
+            atomic_write_text(sidecar, json.dumps({"stamp": stamp, "fingerprint": value}))
     return value
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from immunize.config import fingerprint, git_revision, package_versions, write_provenance
-from immunize.distributed import is_main, local_main_first, on_main
+from immunize.distributed import from_main, is_main, local_main_first, on_main
 from immunize.io import atomic_write_json, read_json, read_jsonl
 from immunize.pipeline.recipe import POST_ATTACK_SECTIONS, PRE_ATTACK_SECTIONS, RunConfig
 from immunize.pipeline.stages import Progress, Stage, StageRunner
@@ -163,8 +163,8 @@ class Experiment:
             return {"path": str(path)}
 
         path, _ = self.stages.run(stage, work)
-        return {name: read_json(p) for name in sections.split(",") if (p := path / f"{name}.json").is_file()} | {
-            "_dir": str(path)}
+        return from_main({name: read_json(p) for name in sections.split(",") if (p := path / f"{name}.json").is_file()}
+                         | {"_dir": str(path)})
 
     def attack(self, defence: str, entry, model: str, model_key: str) -> dict[str, dict[str, Any]]:
         """Every budget of one attack entry against one model, sharing data preparation."""
@@ -246,8 +246,11 @@ class Experiment:
         # Machine-local caches (trained judges, the converted model): built once per machine by its
         # first process; the others then find them.
         with local_main_first():
-            self.judges_state = self.judges()
+            judges_state = self.judges()
             base, base_fp = self.base()
+        # Stage keys hold these: the main process's, so every machine's ranks use the same stages.
+        self.judges_state, base_fp = from_main((judges_state, base_fp))
+        self.models["base"]["fingerprint"] = base_fp
         aligned, aligned_key = self.align(base, base_fp)
         self.models["aligned"] = {"role": "aligned", "defence": None, "budget": None, "path": aligned,
                                   "fingerprint": aligned_key}

@@ -82,8 +82,8 @@ class StageRunner:
         path = self.path(stage)
         marker = path / STAGE_MARKER
         self.progress.remaining_weight -= stage.weight
-        if marker.is_file():
-            record = read_json(marker)
+        # The main process's marker decides for every rank (one path for all, on any file system).
+        if (record := from_main(read_json(marker) if marker.is_file() else None)) is not None:
             self.progress.done += 1
             self.progress.line(f"{stage.kind} {stage.label}: cached ({path.name})")
             return path, record["result"]
