@@ -84,6 +84,14 @@ def is_sharded(model) -> bool:
                for m in model.modules() for p in m.parameters(recurse=False))
 
 
+def refuse_sharded_save(trainer, option: str) -> None:
+    """Fail on every rank, before training, when ``option`` would save from a sharded model on the
+    main process alone (a sharded model's weights are gathered by every rank together)."""
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        raise ImmunizeError(f"{option}: saves from the main process alone, which a model sharded by FSDP or "
+                            "ZeRO-3 cannot do; launch it with configs/accelerate/ddp.yaml")
+
+
 def _state():
     from accelerate import PartialState
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from immunize.config import write_provenance
-from immunize.distributed import from_main, is_main, wait
+from immunize.distributed import from_main, is_main, refuse_sharded_save, wait
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_json, atomic_write_text, read_json, share_weights
 from immunize.redact import is_secret, redact
@@ -273,6 +273,7 @@ def run_defence(name: str, cfg: Any, *, kind: str = "defence") -> Path:
 
 def _run_defence(name: str, cfg: Any, kind: str) -> Path:
     from immunize.defences import get_defence
+    from immunize.defences.base import Defence
     from immunize.models import load_tokenizer, model_fingerprint
     from immunize.training import StepTimer, run_training
 
@@ -301,6 +302,8 @@ def _run_defence(name: str, cfg: Any, kind: str) -> Path:
     if defence.trains:
         model, tokenizer = defence.load_model(cfg)
         trainer = defence.build_trainer(cfg, model, tokenizer, data)
+        if type(defence).save_extras is not Defence.save_extras:  # it saves more than the model
+            refuse_sharded_save(trainer, f"--defence {name}")
         result = run_training(trainer)
         history = [e for e in trainer.state.log_history if "loss" in e]
         record = {"train_loss": run_loss(trainer.state.log_history, result.training_loss),

@@ -27,7 +27,7 @@ from immunize.attacks.grid import expand_grid, run_id
 from immunize.attacks.registry import get_attack
 from immunize.config import write_provenance
 from immunize.data import BeaverTailsSplits, load_splits
-from immunize.distributed import from_main, is_main, wait
+from immunize.distributed import from_main, is_main, refuse_sharded_save, wait
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_jsonl, read_json
 from immunize.locks import run_lock
@@ -208,6 +208,8 @@ def _train(attack: Attack, run: PlannedRun, prepared: _Prepared, scorers: Sequen
         curve = ([ResistanceCurveCallback(run_scorers, cfg.curve_every_steps, tokenizer=tokenizer,
                                           save_models=cfg.curve_save_models)] if run_scorers else [])
         trainer = attack.build_trainer(cfg, model, tokenizer, data, [*curve, *callbacks])
+        if curve and cfg.curve_save_models:
+            refuse_sharded_save(trainer, "--curve_save_models")
         timer = StepTimer()
         output = run_training(trainer)
     attached = {"folder": str(adapter.folder), **adapter.facts()} if adapter is not None else None
