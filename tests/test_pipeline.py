@@ -2,36 +2,16 @@
 
 import json
 
-import numpy as np
 import pytest
 
-from immunize.judges.base import Judge
-from immunize.judges.registry import JUDGES, register_judge
-
-
-class LengthJudge(Judge):
-    """A deterministic stand-in for trained judges: longer answers count as more harmful/toxic."""
-
-    name = "test-length"
-
-    def _score(self, prompts, responses):
-        return np.array([min(len(r) / 40.0, 1.0) for r in responses])
-
-    def fingerprint(self):
-        return "length-v1"
+from immunize.testing import length_judges
 
 
 @pytest.fixture
 def fake_judges():
-    """The trained judges' names stand for ``LengthJudge`` (not trainable); the built-ins come back after."""
-    built_in = [JUDGES.entry(name) for name in ("harmfulness", "toxicity", "refusal")]
-    for entry in built_in:
-        register_judge(entry.name, "test", lambda **options: LengthJudge())
-    yield
-    for entry in built_in:
-        JUDGES.unregister(entry.name)
-        JUDGES.register(entry.name, entry.target, entry.help, fixed=entry.fixed, defaults=entry.defaults,
-                        **entry.extra)
+    """The trained judges' names stand for ``immunize.testing.LengthJudge`` while the test runs."""
+    with length_judges():
+        yield
 
 
 def recipe(tmp_path, tiny_checkpoint, attack_lr=1e-3, **overrides):

@@ -1,16 +1,22 @@
 """Tiny offline models and tokenizers for tests and examples.
 
-Everything here is built in memory: a character-level tokenizer with a ChatML chat template, and
+Everything here is built in memory: a character-level tokenizer with a ChatML chat template,
 tiny models of several architectures whose weights are set by a closed-form formula
-(``fixed_init``), so golden numbers do not depend on torch's random number generator.
+(``fixed_init``), so golden numbers do not depend on torch's random number generator, and a
+deterministic stand-in for the trained judges (``length_judges``).
 """
 
 from __future__ import annotations
 
 import math
 import string
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import numpy as np
 import torch
+
+from immunize.judges.base import Judge
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -97,3 +103,33 @@ def save_tiny_checkpoint(path, arch: str = "llama", **kwargs):
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+class LengthJudge(Judge):
+    """A deterministic stand-in for trained judges: longer answers count as more harmful/toxic."""
+
+    name = "test-length"
+
+    def _score(self, prompts, responses):
+        return np.array([min(len(r) / 40.0, 1.0) for r in responses])
+
+    def fingerprint(self):
+        return "length-v1"
+
+
+@contextmanager
+def length_judges() -> Iterator[None]:
+    """The trained judges' names (harmfulness, toxicity, refusal) stand for ``LengthJudge`` (not
+    trainable), so a pipeline runs without training judges; the built-ins come back after."""
+    from immunize.judges.registry import JUDGES, register_judge
+
+    built_in = [JUDGES.entry(name) for name in ("harmfulness", "toxicity", "refusal")]
+    for entry in built_in:
+        register_judge(entry.name, "test", lambda **options: LengthJudge())
+    try:
+        yield
+    finally:
+        for entry in built_in:
+            JUDGES.unregister(entry.name)
+            JUDGES.register(entry.name, entry.target, entry.help, fixed=entry.fixed, defaults=entry.defaults,
+                            **entry.extra)

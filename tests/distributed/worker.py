@@ -14,11 +14,13 @@ the other in the same processes, to pay for the imports once):
   own FSDP2 path (``fully_shard`` per decoder layer and root, sharded optimizer state, gathered
   full state dict on save);
 - ``IMMUNIZE_TEST_FAKE_JUDGES=1``: the trained judges' names stand for a deterministic length
-  judge (``tests/test_pipeline.py``'s), so a tiny ``immunize run`` needs no trained judges.
+  judge (``immunize.testing.length_judges``, as in ``tests/test_pipeline.py``), so a tiny
+  ``immunize run`` needs no trained judges.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -50,25 +52,6 @@ if os.environ.get("IMMUNIZE_TEST_FSDP_ON_CPU") == "1":
 
     AcceleratorState.__init__ = _fsdp_on_cpu
 
-if os.environ.get("IMMUNIZE_TEST_FAKE_JUDGES") == "1":
-    import numpy as np
-
-    from immunize.judges.base import Judge
-    from immunize.judges.registry import JUDGES, register_judge
-
-    class LengthJudge(Judge):
-        name = "test-length"
-
-        def _score(self, prompts, responses):
-            return np.array([min(len(r) / 40.0, 1.0) for r in responses])
-
-        def fingerprint(self):
-            return "length-v1"
-
-    for _name in ("harmfulness", "toxicity", "refusal"):
-        JUDGES.unregister(_name)
-        register_judge(_name, "test", lambda **options: LengthJudge())
-
 def _commands(argv: list[str]) -> list[list[str]]:
     commands, current = [], []
     for arg in argv:
@@ -82,7 +65,9 @@ def _commands(argv: list[str]) -> list[list[str]]:
 
 if __name__ == "__main__":
     from immunize.cli import main
+    from immunize.testing import length_judges
 
-    for command in _commands(sys.argv[1:]):
-        if code := main(command):
-            sys.exit(code)
+    with length_judges() if os.environ.get("IMMUNIZE_TEST_FAKE_JUDGES") == "1" else contextlib.nullcontext():
+        for command in _commands(sys.argv[1:]):
+            if code := main(command):
+                sys.exit(code)
