@@ -37,9 +37,8 @@ def _usage(commands: dict[str, str]) -> str:
 def _one_output_per_job() -> Iterator[None]:
     """In a launched job only the main process prints results and progress (each rank runs the
     same command); every rank keeps its stderr, so a failure on any rank is seen."""
-    from immunize.distributed import is_main, use_cpu_when_no_gpu
+    from immunize.distributed import is_main
 
-    use_cpu_when_no_gpu()
     if is_main():
         yield
         return
@@ -68,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from immunize.config import COMMAND
+        from immunize.distributed import use_cpu_when_no_gpu
 
+        use_cpu_when_no_gpu()
         token = COMMAND.set(["immunize", name, *rest])
         try:
             with _one_output_per_job():

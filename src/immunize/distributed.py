@@ -78,10 +78,9 @@ def is_sharded(model) -> bool:
     forward then needs every rank, in step, so no rank may generate alone or stop early."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    if isinstance(model, (FSDPModule, FullyShardedDataParallel)):
-        return True
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) or hasattr(p, "ds_id")
-               for m in model.modules() for p in m.parameters(recurse=False))
+    fsdp = (FSDPModule, FullyShardedDataParallel)
+    # FSDP wraps modules (the root, each decoder layer); ZeRO-3 tags each partitioned parameter.
+    return any(isinstance(m, fsdp) for m in model.modules()) or any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def refuse_sharded_save(trainer, option: str) -> None:

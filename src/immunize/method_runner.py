@@ -318,8 +318,9 @@ def _run_defence(name: str, cfg: Any, kind: str) -> Path:
     else:
         # Nothing trains: the model is built (the same on every rank) and saved once.
         model, tokenizer = defence.build_model(cfg)
-        extras = defence.save_extras(cfg, model, out) if is_main() else {}
+        extras = {}
         if is_main():
+            extras = defence.save_extras(cfg, model, out)
             model.save_pretrained(out, safe_serialization=True)
             tokenizer.save_pretrained(out)
         record = timer.summary(0)

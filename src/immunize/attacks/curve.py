@@ -166,15 +166,16 @@ class KeywordRefusalScorer:
         config = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad,
                                   eos_token_id=eos, use_cache=True)
         answers, device = [], _device(model)
+        # Every rank generates every prompt; a sharded model's ranks must take each step together.
+        in_step = is_distributed() and is_sharded(model)
         for start in range(0, len(self.prompts), self.batch_size):
             chunk = self.prompts[start:start + self.batch_size]
             texts = [render_prompt(tokenizer, p, self.fmt) for p in chunk]
             ids = [tokenizer(t, add_special_tokens=self.fmt == "plain")["input_ids"] for t in texts]
             input_ids = pad_batch(ids, pad, side="left").to(device)
             attention = pad_batch([[1] * len(i) for i in ids], 0, side="left").to(device)
-            # Every rank generates every prompt; a sharded model's ranks must take each step together.
             generated = model.generate(input_ids=input_ids, attention_mask=attention,
-                                       generation_config=config, synced_gpus=is_distributed() and is_sharded(model))
+                                       generation_config=config, synced_gpus=in_step)
             answers.extend(tokenizer.decode(row, skip_special_tokens=True).strip()
                            for row in generated[:, input_ids.shape[1]:])
         return answers
