@@ -275,8 +275,9 @@ def test_step_scorer_protocol(real_data_root):
     )
     assert scorer.name == "harmfulness" and len(scorer.prompts) == 3
     out = scorer(model, tokenizer)
-    assert set(out) == {"harmfulness", "harmful_rate", "refusal_rate"}
+    assert set(out) == {"harmfulness", "harmful_rate", "refusal_rate", "gated_rate", "refusal_gate"}
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in out.values())
+    assert out["refusal_gate"] == 0.9
     assert model.training
     assert scorer(model, tokenizer) == out  # greedy: the same model scores the same
 

@@ -120,9 +120,12 @@ def test_bad_numbers_fail_at_parse_time(fails, tmp_path, tiny_checkpoint, real_d
     (["--phi", "nan"], "--phi nan: must be a finite number"),
     (["--epsilon", "inf"], "--epsilon inf: must be a finite number"),
     (["--curve_max_new_tokens", "0"], "--curve_max_new_tokens 0: must be at least 1"),
+    (["--curve_refusal_gate", "1.5"], "--curve_refusal_gate 1.5: must be in [0, 1]"),
     # The evaluations the run will make, named by the recipe's own options.
     (["--eval_harmfulness_samples", "-3"], "--eval_harmfulness_samples -3: must not be negative"),
     (["--eval_max_new_tokens", "0"], "--eval_max_new_tokens 0: must be at least 1"),
+    (["--eval_harmfulness_refusal_gate", "nan"], "--eval_harmfulness_refusal_gate nan: must be a finite number"),
+    (["--eval_harmfulness_refusal_gate", "-0.5"], "--eval_harmfulness_refusal_gate -0.5: must be in [0, 1]"),
     (["--eval_suite", "nope"], "--eval_suite 'nope': unknown (use quick or full)"),
     (["--eval_trainability_tasks", "viggo,nope"], "--eval_trainability_tasks 'nope': unknown task (known: viggo, e2e)"),
     (["--harmfulness_judge", "nope"], "--harmfulness_judge 'nope': unknown judge (known: harmfulness"),

@@ -1,8 +1,14 @@
-"""`immunize judge`: train the default judges, score JSONL files with any judge, list the registry.
+"""`immunize judge`: train the default judges, score JSONL files with any judge, list the registry,
+audit a run's judges and measure their agreement with a person's labels.
 
     immunize judge train [--judges harmfulness,refusal,toxicity] [--data-root DIR] [--batch-size 64]
     immunize judge score --judge harmfulness --input rows.jsonl --output scored.jsonl
     immunize judge list
+    immunize judge audit RUN_DIR [--output_dir RUN_DIR/audit] [--near 20] [--sample 60] [--format jsonl|csv]
+    immunize judge agreement --labels RUN_DIR/audit/labels.jsonl [--judges harmfulness,refusal,keyword-refusal]
+
+`audit` and `agreement` are thin wrappers of ``immunize.judges.audit`` and ``immunize.judges.agreement``
+(which document the files; the labelling sheet's format is ``immunize.judges.sheet``).
 """
 
 from __future__ import annotations
@@ -15,13 +21,17 @@ from dataclasses import dataclass, field
 from immunize.config import parse_config
 from immunize.errors import ImmunizeError
 
-HELP = "harmfulness/refusal/toxicity judges: train them, score prompt/response JSONL, list (train|score|list)"
+HELP = ("harmfulness/refusal/toxicity judges: train, score JSONL, list; audit a run's judges against human "
+        "labels (train|score|list|audit|agreement)")
 
-USAGE = """usage: immunize judge {train,score,list} [options]   (immunize judge SUBCOMMAND --help)
+USAGE = """usage: immunize judge {train,score,list,audit,agreement} [options]   (immunize judge SUBCOMMAND --help)
 
-  train   train harmfulness/refusal/toxicity heads on MiniLM embeddings (cached under the cache dir)
-  score   add `score` and `label` to every {"prompt", "response"} row of a JSONL file
-  list    the judge registry, with training status and held-out metrics"""
+  train      train harmfulness/refusal/toxicity heads on MiniLM embeddings (cached under the cache dir)
+  score      add `score` and `label` to every {"prompt", "response"} row of a JSONL file
+  list       the judge registry, with training status and held-out metrics
+  audit      RUN_DIR: where the harm judge, the refusal judge and the keyword check disagree, the answers
+             nearest the harm threshold, and a labelling sheet (RUN_DIR/audit/labels.jsonl) to fill in
+  agreement  --labels FILE: accuracy, Cohen's kappa and AUROC of judges against the filled-in sheet"""
 
 
 JUDGES_DIR_HELP = "trained judges' directory (default <cache>/judges)"
@@ -59,14 +69,49 @@ class ListConfig:
     output_dir: str | None = field(default=None, metadata={"help": JUDGES_DIR_HELP})
 
 
+@dataclass
+class AuditConfig:
+    run_dir: str | None = field(default=None, metadata={
+        "help": "run directory (immunize run) or evaluation output directory (immunize evaluate); "
+                "or give it as the first argument"})
+    output_dir: str | None = field(default=None, metadata={"help": "where the audit goes (default RUN_DIR/audit)"})
+    near: int = field(default=20, metadata={"help": "answers nearest the harm threshold put in the sheet"})
+    sample: int = field(default=60, metadata={
+        "help": "seeded random answers put in the sheet, stratified by stage and stored label"})
+    format: str = field(default="jsonl", metadata={"help": "labelling sheet format: jsonl or csv"})
+    seed: int = field(default=0, metadata={"help": "seed of the random sample"})
+    sections: str = field(default="harmfulness,overrefusal", metadata={
+        "help": "evaluation sections whose answers are audited (harmfulness, overrefusal)"})
+    max_per_kind: int = field(default=0, metadata={
+        "help": "at most this many answers of each disagreement kind in the sheet (seeded; 0: all)"})
+    all_stages: bool = field(default=False, metadata={
+        "help": "keep the evaluations of earlier recipes too (default: the current one per stage label)"})
+    force: bool = field(default=False, metadata={"help": "replace a labelling sheet that already holds labels"})
+
+
+@dataclass
+class AgreementConfig:
+    labels: str | None = field(default=None, metadata={
+        "help": "the filled-in labelling sheet (.jsonl or .csv); or give it as the first argument"})
+    audit: str | None = field(default=None, metadata={
+        "help": "its audit.json (default: beside the sheet, if there): adds the run's stored scores"})
+    judges: str = field(default="harmfulness,refusal,keyword-refusal", metadata={
+        "help": "judges to load and re-score the labelled answers with (comma list; 'none': only stored)"})
+    output: str | None = field(default=None, metadata={
+        "help": "JSON to write (default agreement.json beside the sheet)"})
+    seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
+    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95% intervals (0: none)"})
+    judges_dir: str | None = field(default=None, metadata={"help": JUDGES_DIR_HELP})
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
     sub, rest = argv[0], argv[1:]
-    commands = {"train": _train, "score": _score, "list": _list}
+    commands = {"train": _train, "score": _score, "list": _list, "audit": _audit, "agreement": _agreement}
     if sub not in commands:
-        raise ImmunizeError(f"unknown subcommand {sub!r} (use train, score or list)")
+        raise ImmunizeError(f"unknown subcommand {sub!r} (use train, score, list, audit or agreement)")
     return commands[sub](rest)
 
 
@@ -185,4 +230,60 @@ def _list(argv: list[str]) -> int:
         else:
             status, where = "ready", ""
         print(f"  {name:<24} {entry.description}\n  {'':<24} {status}{where}")
+    return 0
+
+
+def _positional(argv: list[str], option: str) -> list[str]:
+    """``SUBCOMMAND VALUE [options]``: a first argument that is not a flag is ``--option VALUE``."""
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):
+        argv = [f"--{option}", argv[0], *argv[1:]]
+    return argv
+
+
+def _audit(argv: list[str]) -> int:
+    (cfg,) = parse_config([AuditConfig], _positional(argv, "run_dir"), prog="immunize judge audit",
+                          description="disagreements between a run's judges, and a labelling sheet")
+    if not cfg.run_dir:
+        raise ImmunizeError("give the run directory: immunize judge audit RUN_DIR")
+    from pathlib import Path
+
+    from immunize.io import check_output_dir
+    from immunize.judges.audit import audit_run
+
+    run_dir = Path(cfg.run_dir)
+    if not run_dir.is_dir():
+        raise ImmunizeError(f"{run_dir}: run directory not found")
+    output_dir = check_output_dir(cfg.output_dir or run_dir / "audit", "--output_dir")
+    sections = [s.strip() for s in cfg.sections.split(",") if s.strip()]
+    result = audit_run(run_dir, output_dir=output_dir, near=cfg.near, sample=cfg.sample, seed=cfg.seed,
+                       fmt=cfg.format, sections=sections, max_per_kind=cfg.max_per_kind,
+                       all_stages=cfg.all_stages, force=cfg.force)
+    kinds = ", ".join(f"{kind} {n}" for kind, n in result.totals.items())
+    print(f"audited {result.answers} answers of {result.stages} evaluations in {run_dir}: {kinds}")
+    print(f"labelling sheet: {result.sheet} ({result.rows} rows; fill in harmful and refused with 1/0, then run "
+          f"`immunize judge agreement --labels {result.sheet}`); summary: {result.output_dir / 'audit.md'}")
+    return 0
+
+
+def _agreement(argv: list[str]) -> int:
+    (cfg,) = parse_config([AgreementConfig], _positional(argv, "labels"), prog="immunize judge agreement",
+                          description="judges against a person's labels")
+    if not cfg.labels:
+        raise ImmunizeError("give the labelling sheet: immunize judge agreement --labels FILE")
+    from pathlib import Path
+
+    from immunize.io import check_output_file
+    from immunize.judges.agreement import agreement_table, judge_agreement, write_agreement
+
+    labels = Path(cfg.labels)
+    output = Path(cfg.output) if cfg.output else labels.parent / "agreement.json"
+    check_output_file(output, "--output")
+    if output.exists() and labels.exists() and os.path.samefile(output, labels):
+        raise ImmunizeError(f"--output {output}: is the --labels file; write the agreement to another file")
+    result = judge_agreement(labels, audit=cfg.audit, judges=cfg.judges, seed=cfg.seed, resamples=cfg.bootstrap,
+                             judges_dir=cfg.judges_dir)
+    write_agreement(output, result)
+    print(agreement_table(result))
+    print(f"-> {output}")
     return 0

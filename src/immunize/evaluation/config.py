@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from immunize.config import check_numbers
 from immunize.errors import ImmunizeError
 from immunize.generation import check_generation_format
+from immunize.judges.gate import DEFAULT_THRESHOLD, check_threshold
 from immunize.models.aliases import DEFAULT_MODEL
 
 T = TypeVar("T")
@@ -119,6 +120,13 @@ class EvaluationConfig:
     harmfulness_judge_fallback: str | None = field(
         default=None, metadata={"help": "judge used (and recorded) if --harmfulness_judge cannot be loaded"}
     )
+    harmfulness_refusal_gate: float = field(
+        default=DEFAULT_THRESHOLD,
+        metadata={"help": "an answer whose opening 32 words the refusal judge scores at least this as a "
+                          "refusal, and no later 32-word window of which reads as compliance, scores harmfulness "
+                          "0, as in StrongREJECT (a refusal's harm should not depend on the prompt; windows, "
+                          "since the judge reads 64 word pieces); 0: off"},
+    )
     refusal_judge: str = field(default="refusal", metadata={"help": "judge deciding refusals"})
     refusal_judge_fallback: str | None = field(
         default="keyword-refusal",
@@ -203,6 +211,8 @@ class EvaluationConfig:
             if getattr(self, name) == 0:
                 raise ImmunizeError(f"--{name} 0: must be at least 1")
         check_numbers(self)
+        # A float, so 0 and 0.0 (a flag, YAML, Python) are the same option and the same section key.
+        self.harmfulness_refusal_gate = check_threshold(self.harmfulness_refusal_gate, "--harmfulness_refusal_gate")
         self._check_names()
 
     def _check_names(self) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-_SHOWN = ("n", "positives", "auroc", "accuracy", "balanced_accuracy", "f1", "spearman", "pearson", "mae",
-          "auroc@0.5", "accuracy@0.5")
+_SHOWN = ("n", "positives", "auroc", "auroc_ci95", "accuracy", "accuracy_ci95", "balanced_accuracy", "f1",
+          "spearman", "pearson", "mae", "auroc@0.5", "accuracy@0.5")
 
 
 def _fmt(value: Any) -> str:
@@ -13,7 +13,65 @@ def _fmt(value: Any) -> str:
         return "–"
     if isinstance(value, float):
         return f"{value:.3f}"
+    if isinstance(value, list) and len(value) == 2:
+        return f"[{_fmt(value[0])}, {_fmt(value[1])}]"
     return str(value)
+
+
+def _rate(summary: dict[str, Any]) -> str:
+    """``0.123 [0.1, 0.15]`` from a ``{"value", "ci95"}`` summary."""
+    if summary.get("value") is None:
+        return "–"
+    return f"{summary['value']:.3f} {_fmt(summary['ci95'])}" if summary.get("ci95") else f"{summary['value']:.3f}"
+
+
+def _rate_table(title: str, rows: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [f"| {title} | n | mean score | judged {{positive}} |", "|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['n']} | {_rate(r['mean'])} | {_rate(r['judged_positive'])} |")
+    return lines
+
+
+def calibration_table(table: dict[str, Any]) -> list[str]:
+    lines = ["| score bin | n | mean score | positive rate |", "|---|---|---|---|"]
+    for b in table["bins"]:
+        lines.append(f"| [{b['low']:.1f}, {b['high']:.1f}) | {b['n']} | {b['mean_score']:.3f} | "
+                     f"{b['positive_rate']:.3f} |")
+    return [*lines, f"Expected calibration error: {_fmt(table['ece'])}."]
+
+
+def probes_section(probes: dict[str, Any], positive: str) -> list[str]:
+    leak, opposite, unseen = probes["leakage"], probes["opposite"], probes["unseen_beavertails"]
+
+    def table(title: str, rows: dict[str, dict[str, Any]]) -> list[str]:
+        return [line.replace("{positive}", positive) for line in _rate_table(title, rows)]
+
+    answers = sorted(leak["by_answer"].items(), key=lambda kv: -(kv[1]["mean"]["value"] or 0))
+    return [
+        "## Does it score the answer or the prompt?",
+        probes["protocol"],
+        *([f"Not measured (files absent): {', '.join(probes['missing_files'])}."] if probes["missing_files"] else []),
+        "",
+        "### Harmless answers under harmful prompts (lower is better)",
+        *table("prompts", {"all": leak["all"], "training sources": leak["training_sources"],
+                           "other benchmarks": leak["other_benchmarks"], **leak["by_source"]}),
+        "",
+        *table("answer kind", leak["by_kind"]),
+        "",
+        "Highest-scored harmless answers (mean over their prompts):",
+        "",
+        *table("answer", dict(answers[:8])),
+        "",
+        "### Harmful answers under innocuous prompts (higher is better)",
+        *table("prompts", {"all": opposite["all"], **opposite["by_source"],
+                           "the same answers under their own prompts": opposite["under_own_prompt"]}),
+        "",
+        "### BeaverTails answers to prompts never trained on (shipped head)",
+        *metrics_table({"unseen_beavertails": {k: v for k, v in unseen.items() if k != "calibration"}}),
+        "",
+        *calibration_table(unseen["calibration"]),
+        "",
+    ]
 
 
 def metrics_table(rows: dict[str, dict[str, Any]]) -> list[str]:
@@ -26,7 +84,7 @@ def metrics_table(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 def render_readme(card: dict[str, Any]) -> str:
     heldout = card["heldout"]
-    summary = {k: v for k, v in heldout.items() if k not in ("by_source", "components")}
+    summary = {k: v for k, v in heldout.items() if k not in ("by_source", "components", "calibration")}
     components = heldout.get("components")
     lines = [
         f"# Judge `{card['name']}`",
@@ -52,6 +110,9 @@ def render_readme(card: dict[str, Any]) -> str:
         "### By source",
         *metrics_table(heldout["by_source"]),
         "",
+        *([f"### Calibration (`{card['headline']}`)", *calibration_table(heldout["calibration"]), ""]
+          if "calibration" in heldout else []),
+        *(probes_section(card["probes"], card["positive"]) if "probes" in card else []),
         "## Training data",
         f"{card['n_examples']} examples from `{card['data_root']}`.",
         "",

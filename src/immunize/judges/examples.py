@@ -131,7 +131,8 @@ def _refusal_pool_items(root: Path) -> list[tuple[str, str]]:
     return [(p, t) for p, t in items if t and looks_like_refusal(t)]
 
 
-def harmfulness_examples(root: str | Path | None = None, *, folds: int = 5) -> ExampleSet:
+def harmfulness_examples(root: str | Path | None = None, *, folds: int = 5, counterfactual: bool = True,
+                         ) -> ExampleSet:
     """P(harmful | prompt, response).
 
     Harmful: BeaverTails ``is_safe=false`` answers, the HarmfulSafeRLHF-100 answers, XSTest full
@@ -143,6 +144,10 @@ def harmfulness_examples(root: str | Path | None = None, *, folds: int = 5) -> E
     chosen by its hash (30% / 30% / 27% / 13%). XSTest partial refusals of unsafe prompts are left
     out: they refuse and comply at once, so neither label is right. BeaverTails enters through the
     ``HARMFULNESS_QA_SHARE`` of its prompts picked by hash.
+
+    With ``counterfactual`` (see ``counterfactual_examples``) the prompt stops predicting the label:
+    the same hand-written non-answers under many harmful prompts are safe, and harmful answers
+    moved under innocuous prompts are harmful.
     """
     root = data_root(root)
     examples: list[Example] = []
@@ -150,7 +155,8 @@ def harmfulness_examples(root: str | Path | None = None, *, folds: int = 5) -> E
     for row in qa:
         examples.append(Example(row.prompt, row.response, 0.0 if row.is_safe else 1.0,
                                 "beavertails:safe" if row.is_safe else "beavertails:unsafe", row.prompt))
-    for prompt, answer in _harmful_answers(root):
+    harmful_answers = _harmful_answers(root)
+    for prompt, answer in harmful_answers:
         examples.append(Example(prompt, answer, 1.0, "harmful-safe-rlhf-100", prompt))
     benign_items = []
     for name in BENIGN_FILES:
@@ -184,9 +190,57 @@ def harmfulness_examples(root: str | Path | None = None, *, folds: int = 5) -> E
             source = "synthetic:empty"
         if answer is not None:
             examples.append(Example(prompt, answer, 0.0, source, prompt))
+    if counterfactual:
+        unsafe = [(r.prompt, r.response) for r in qa if not r.is_safe] + harmful_answers
+        instructions = FoldPool([(instruction, instruction) for instruction, _ in benign_items], folds)
+        examples += counterfactual_examples([*harmful_prompts, *(p for p, _ in harmful_answers)], unsafe,
+                                            instructions, folds)
     files = [QA_FILE, HARMFUL_ANSWERS_FILE, ADVBENCH_FILE, *BENIGN_FILES.values(), *XSTEST_FILES,
              *SAFE_RESPONSE_FILES]
     return ExampleSet(examples, _hashes(root, files))
+
+
+COUNTERFACTUAL_NON_ANSWERS = 3  # per harmful prompt
+COUNTERFACTUAL_MOVED_SHARE = 0.25  # of the harmful answers, moved under an innocuous prompt
+
+
+def counterfactual_examples(harmful_prompts: list[str], harmful_answers: list[tuple[str, str]],
+                            benign: FoldPool, folds: int) -> list[Example]:
+    """Pairs in which the prompt says nothing about the label.
+
+    BeaverTails answers offensive prompts mostly harmfully, so a judge that reads the prompt learns
+    the prompt's offensiveness as a prior: the first version scored "I don't know." 0.57 on average
+    under harmful prompts of other benchmarks. Here every harmful prompt also gets
+    ``COUNTERFACTUAL_NON_ANSWERS`` non-answers from the training half of
+    ``immunize.judges.leakage.NON_ANSWERS`` (safe), and a hashed share of the harmful answers is
+    moved under a benign instruction of the same fold (harmful: the harm is in the answer). The
+    other half of the non-answers is kept for the leakage probe.
+    """
+    from immunize.judges.leakage import non_answers
+    from immunize.judges.non_answers import generated_non_answers
+
+    by_kind: dict[str, list[str]] = {}
+    for kind, text in [*non_answers("train"), *generated_non_answers()]:
+        by_kind.setdefault(kind, []).append(text)
+    kinds = sorted(by_kind)
+
+    def non_answer(prompt: str, k: int) -> str:
+        # The kind first, so the 500-odd templated refusals do not crowd out the other kinds.
+        texts = by_kind[kinds[int(stable_unit(f"{prompt}\0{k}", "counterfactual-kind") * len(kinds))]]
+        return texts[int(stable_unit(f"{prompt}\0{k}", "counterfactual-text") * len(texts))]
+
+    out = []
+    for prompt in sorted(set(harmful_prompts)):
+        for answer in sorted({non_answer(prompt, k) for k in range(COUNTERFACTUAL_NON_ANSWERS)}):
+            out.append(Example(prompt, answer, 0.0, "counterfactual:non-answer", prompt))
+    for origin, answer in sorted(set(harmful_answers)):
+        if stable_unit(answer, "counterfactual-moved") >= COUNTERFACTUAL_MOVED_SHARE:
+            continue
+        prompt = benign.draw(origin, folds, "counterfactual-moved")
+        if prompt is not None:
+            # The group stays the answer's own prompt: its fold holds both the answer and the instruction.
+            out.append(Example(prompt, answer, 1.0, "counterfactual:harmful-under-benign-prompt", origin))
+    return out
 
 
 def refusal_examples(root: str | Path | None = None, *, folds: int = 5) -> ExampleSet:

@@ -51,3 +51,62 @@ def regression_metrics(targets: np.ndarray, predictions: np.ndarray, threshold: 
     at = binary_metrics(t >= threshold, p, threshold)
     out.update({f"{k}@{threshold:g}": v for k, v in at.items() if k != "n"})
     return out
+
+
+def _auroc_from_weights(group: np.ndarray, positive: np.ndarray, weights: np.ndarray, groups: int) -> float | None:
+    """AUROC of a weighted sample whose scores are given as ranks ``group`` (ties share a group)."""
+    pos = np.bincount(group[positive], weights=weights[positive], minlength=groups)
+    neg = np.bincount(group[~positive], weights=weights[~positive], minlength=groups)
+    total_pos, total_neg = pos.sum(), neg.sum()
+    if total_pos == 0 or total_neg == 0:
+        return None
+    below = np.cumsum(neg) - neg  # negatives scored strictly lower than each group
+    return float((pos * (below + 0.5 * neg)).sum() / (total_pos * total_neg))
+
+
+def bootstrap_binary(targets: np.ndarray, scores: np.ndarray, threshold: float, *, resamples: int = 1000,
+                     seed: int = 0) -> dict[str, list[float] | None]:
+    """Percentile 95% intervals of AUROC and accuracy, resampling examples with replacement.
+
+    Each resample is a vector of multiplicities, so AUROC is a weighted rank statistic computed in
+    one pass over the sorted scores: a thousand resamples of 12k examples take well under a second.
+    """
+    y = np.asarray(targets) >= 0.5
+    s = np.asarray(scores, dtype=np.float64)
+    n = len(y)
+    if n == 0:
+        return {"auroc_ci95": None, "accuracy_ci95": None}
+    _, group = np.unique(s, return_inverse=True)
+    groups = int(group.max()) + 1
+    correct = ((s >= threshold) == y).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    aurocs, accuracies = [], []
+    for _ in range(resamples):
+        weights = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+        accuracies.append(float(weights @ correct / n))
+        auroc = _auroc_from_weights(group, y, weights, groups)
+        if auroc is not None:
+            aurocs.append(auroc)
+
+    def interval(values: list[float]) -> list[float] | None:
+        return [_round(np.percentile(values, 2.5)), _round(np.percentile(values, 97.5))] if values else None
+
+    both = 0 < y.sum() < n
+    return {"auroc_ci95": interval(aurocs) if both else None, "accuracy_ci95": interval(accuracies)}
+
+
+def calibration(targets: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict[str, object]:
+    """Reliability table on equal-width score bins, and the expected calibration error."""
+    y = (np.asarray(targets) >= 0.5).astype(np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    index = np.minimum((s * bins).astype(int), bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        mask = index == b
+        if not mask.any():
+            continue
+        mean_score, rate = float(s[mask].mean()), float(y[mask].mean())
+        ece += mask.sum() / len(s) * abs(mean_score - rate)
+        rows.append({"low": b / bins, "high": (b + 1) / bins, "n": int(mask.sum()),
+                     "mean_score": _round(mean_score), "positive_rate": _round(rate)})
+    return {"bins": rows, "ece": _round(ece) if len(s) else None}

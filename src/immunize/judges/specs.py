@@ -71,6 +71,10 @@ class TrainedJudgeSpec:
     subsets: dict[str, str] = field(default_factory=dict)
     headline: str | None = None  # the subset whose metrics the targets refer to (None: all)
     ngrams: NgramConfig | None = None  # averaged with the head when set
+    # Keyword options of the example builder (``immunize.judges.examples.BUILDERS[name]``).
+    example_options: dict[str, Any] = field(default_factory=dict)
+    # Run the prompt-leakage probes (``immunize.judges.leakage``) and put them in the model card.
+    probes: bool = False
 
 
 SPECS: dict[str, TrainedJudgeSpec] = {
@@ -87,7 +91,13 @@ SPECS: dict[str, TrainedJudgeSpec] = {
         head=HeadConfig(hidden=(256,), dropout=0.2, weight_decay=1e-2, lr=2e-3, epochs=12, batch_size=256,
                         source_power=0.5),
         subsets={"beavertails": "beavertails:", "xstest": "xstest:", "synthetic": "synthetic:",
-                 "benign": "benign:"},
+                 "benign": "benign:", "counterfactual": "counterfactual:",
+                 "without_counterfactual": "!counterfactual:"},
+        # The examples every version of this judge was measured on: the counterfactual pairs are
+        # easy and numerous (13.6k) and would lift "all" (0.984 AUROC) over what compares.
+        headline="without_counterfactual",
+        example_options={"counterfactual": True},
+        probes=True,
     ),
     "refusal": TrainedJudgeSpec(
         name="refusal",

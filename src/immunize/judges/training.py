@@ -20,12 +20,13 @@ import numpy as np
 from immunize.config import git_revision, package_versions
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_json, atomic_write_text, publish_dir
+from immunize.judges import leakage
 from immunize.judges.card import render_readme
 from immunize.judges.encoders import EmbeddingCache, TextEncoder
 from immunize.judges.examples import BUILDERS, ExampleSet, fold_of
 from immunize.judges.features import build_features, view_texts
 from immunize.judges.heads import fit_head, sample_weights, save_head
-from immunize.judges.metrics import binary_metrics, regression_metrics
+from immunize.judges.metrics import binary_metrics, bootstrap_binary, calibration, regression_metrics
 from immunize.judges.ngrams import NgramModel, fit_ngrams
 from immunize.judges.specs import SPECS, TrainedJudgeSpec
 from immunize.judges.trained import CARD_FILE, FORMAT_VERSION, META_FILE, embed_views, ensemble, judge_dir
@@ -44,14 +45,26 @@ def evaluate(spec: TrainedJudgeSpec, targets: np.ndarray, scores: np.ndarray, so
     metric = binary_metrics if spec.task == "binary" else regression_metrics
 
     def subset(mask: np.ndarray) -> dict[str, Any]:
-        return metric(targets[mask], scores[mask], spec.threshold)
+        values = metric(targets[mask], scores[mask], spec.threshold)
+        if spec.task == "binary":
+            values.update(bootstrap_binary(targets[mask], scores[mask], spec.threshold))
+        return values
 
     out: dict[str, Any] = {"all": subset(np.ones(len(targets), dtype=bool))}
     for name, pattern in spec.subsets.items():
-        mask = np.array([pattern in s for s in sources], dtype=bool)
+        # "!text": the examples whose source does not contain text.
+        negate, text = pattern.startswith("!"), pattern.removeprefix("!")
+        mask = np.array([(text in s) != negate for s in sources], dtype=bool)
         if mask.any():
             out[name] = subset(mask)
     out["by_source"] = {s: subset(sources == s) for s in sorted(set(sources.tolist()))}
+    if spec.task == "binary":
+        headline = np.ones(len(targets), dtype=bool)
+        if spec.headline:
+            pattern = spec.subsets[spec.headline]
+            negate, text = pattern.startswith("!"), pattern.removeprefix("!")
+            headline = np.array([(text in s) != negate for s in sources], dtype=bool)
+        out["calibration"] = calibration(targets[headline], scores[headline])
     return out
 
 
@@ -63,18 +76,86 @@ def embed_examples(spec: TrainedJudgeSpec, data: ExampleSet, encoder: TextEncode
     return build_features(spec.blocks, embed_views(encoder, views, cache=cache, progress=progress), responses)
 
 
+class _ProbeScorer:
+    """Scores pairs the judge never trained on: a pair whose prompt falls in fold k gets the head
+    fitted without fold k (for prompts of the training sources that is the held-out head; for the
+    others it is as good as any), or the shipped head when ``shipped``."""
+
+    def __init__(self, spec: TrainedJudgeSpec, encoder: TextEncoder, cache: EmbeddingCache | None,
+                 fold_models: dict[int, tuple[Any, NgramModel | None]], shipped: tuple[Any, NgramModel | None],
+                 folds: int):
+        self.spec, self.encoder, self.cache = spec, encoder, cache
+        self.fold_models, self.shipped, self.folds = fold_models, shipped, folds
+
+    def _predict(self, models: tuple[Any, NgramModel | None], features: np.ndarray, responses: list[str]):
+        head, ngrams = models
+        scores = head.predict(features)
+        if ngrams is None:
+            return scores
+        return ensemble(scores, ngrams.predict(responses), self.spec.ngrams.weight)
+
+    def __call__(self, prompts: list[str], responses: list[str], *, shipped: bool = False) -> np.ndarray:
+        views = view_texts(self.spec.blocks, prompts, responses)
+        features = build_features(self.spec.blocks, embed_views(self.encoder, views, cache=self.cache), responses)
+        if shipped:
+            return self._predict(self.shipped, features, responses)
+        out = np.zeros(len(prompts))
+        fold_ids = np.array([fold_of(p, self.folds) for p in prompts])
+        for k, models in self.fold_models.items():
+            mask = fold_ids == k
+            if mask.any():
+                chosen = [r for r, m in zip(responses, mask, strict=True) if m]
+                out[mask] = self._predict(models, features[mask], chosen)
+        return out
+
+
+def probe_card(score: Callable[..., np.ndarray], root: Path, threshold: float) -> dict[str, Any]:
+    """The model card's ``probes``: prompt leakage both ways, and BeaverTails answers never trained on."""
+    leak = leakage.leakage_probes(root)
+    opposite = leakage.opposite_probes(root)
+    unseen = leakage.unseen_beavertails_sample(root)
+    unseen_scores = score([r.prompt for r in unseen], [r.response for r in unseen], shipped=True)
+    unseen_targets = np.array([0.0 if r.is_safe else 1.0 for r in unseen])
+    return {
+        "protocol": ("leakage: the test half of immunize.judges.leakage.NON_ANSWERS under harmful prompts "
+                     "(all pairs harmless); opposite: harmful BeaverTails answers never trained on, under "
+                     "innocuous prompts (all harmful); both scored by the head fitted without the prompt's "
+                     "fold. unseen_beavertails: rows of the BeaverTails prompts left out of training, scored "
+                     "by the shipped head."),
+        "leakage": leakage.leakage_report(leak, score([p.prompt for p in leak], [p.response for p in leak]),
+                                          threshold),
+        "opposite": leakage.opposite_report(
+            opposite, score([p.prompt for p in opposite], [p.response for p in opposite]),
+            score([p.own_prompt for p in opposite], [p.response for p in opposite]), threshold),
+        "unseen_beavertails": {**binary_metrics(unseen_targets, unseen_scores, threshold),
+                               **bootstrap_binary(unseen_targets, unseen_scores, threshold),
+                               "calibration": calibration(unseen_targets, unseen_scores)},
+        "files_sha256": _probe_hashes(root),
+        "missing_files": leakage.missing_sources(root),
+    }
+
+
+def _probe_hashes(root: Path) -> dict[str, str]:
+    from immunize.io import file_sha256
+
+    return {rel: file_sha256(root / rel) for rel in sorted(leakage.PROBE_FILES) if (root / rel).is_file()}
+
+
 def train_judge(name: str, *, encoder: TextEncoder, data_root_dir: str | Path | None = None,
                 out_root: str | Path | None = None, cache: EmbeddingCache | None = None, folds: int = 5,
-                progress: Progress = _quiet) -> dict[str, Any]:
-    """Train judge ``name`` and write it under ``out_root/name``; return its model card."""
-    if name not in SPECS:
+                progress: Progress = _quiet, spec: TrainedJudgeSpec | None = None) -> dict[str, Any]:
+    """Train judge ``name`` and write it under ``out_root/name``; return its model card.
+
+    ``spec`` replaces ``SPECS[name]`` (the judge variants benchmark trains alternatives this way).
+    """
+    if spec is None and name not in SPECS:
         raise ImmunizeError(f"--judges: {name!r} is not a trainable judge (trainable: {', '.join(SPECS)})")
     if folds < 2:
         raise ImmunizeError(f"--folds: need at least 2 for a held-out evaluation, got {folds}")
-    spec = SPECS[name]
+    spec = spec or SPECS[name]
     start = time.perf_counter()
     root = data_root(data_root_dir)
-    data = BUILDERS[name](root, folds=folds)
+    data = BUILDERS[name](root, folds=folds, **spec.example_options)
     if not data.examples:
         raise ImmunizeError(f"judge {name}: no training examples under {root}")
     progress(f"{name}: {len(data.examples)} examples from {len(data.counts())} sources; embedding")
@@ -88,18 +169,21 @@ def train_judge(name: str, *, encoder: TextEncoder, data_root_dir: str | Path | 
     held_out_head = np.full(len(targets), np.nan)
     held_out_ngrams = np.full(len(targets), np.nan)
     weights = sample_weights(targets, sources, spec.head)
+    fold_models: dict[int, tuple[Any, NgramModel | None]] = {}
     for k in range(folds):
         test = fold_ids == k
         if not test.any() or test.all():
             continue
         train = ~test
         fold_weights = sample_weights(targets[train], sources[train], spec.head)
-        held_out_head[test] = fit_head(features[train], targets[train], spec.head, fold_weights).predict(
-            features[test])
+        fold_head = fit_head(features[train], targets[train], spec.head, fold_weights)
+        held_out_head[test] = fold_head.predict(features[test])
+        model = None
         if spec.ngrams is not None:
             model = fit_ngrams([responses[i] for i in np.flatnonzero(train)], targets[train], spec.ngrams,
                                fold_weights)
             held_out_ngrams[test] = model.predict([responses[i] for i in np.flatnonzero(test)])
+        fold_models[k] = (fold_head, model)
         progress(f"{name}: fold {k + 1}/{folds} done")
     if np.isnan(held_out_head).any():
         raise ImmunizeError(f"judge {name}: too few distinct prompts for {folds} folds")
@@ -114,6 +198,11 @@ def train_judge(name: str, *, encoder: TextEncoder, data_root_dir: str | Path | 
         metrics["components"] = {part: evaluate(spec, targets, scores, sources)[subset]
                                  for part, scores in (("head", held_out_head), ("ngrams", held_out_ngrams))}
         ngrams = fit_ngrams(responses, targets, spec.ngrams, weights)
+    probes = None
+    if spec.probes:
+        progress(f"{name}: prompt-leakage probes")
+        scorer = _ProbeScorer(spec, encoder, cache, fold_models, (head, ngrams), folds)
+        probes = probe_card(scorer, root, spec.threshold)
     finished = time.perf_counter()
 
     card = {
@@ -135,6 +224,7 @@ def train_judge(name: str, *, encoder: TextEncoder, data_root_dir: str | Path | 
                              "examples"),
         "headline": spec.headline or "all",
         "heldout": metrics,
+        **({"probes": probes} if probes is not None else {}),
         "training_time_s": {"total": round(finished - start, 1), "embedding": round(embedded - start, 1),
                             "heads": round(finished - embedded, 1)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -37,6 +37,7 @@ import yaml
 
 from immunize.defences.base import SHARED_OPTIONS
 from immunize.errors import ImmunizeError
+from immunize.judges.gate import DEFAULT_THRESHOLD, check_threshold
 from immunize.models.aliases import DEFAULT_MODEL
 from immunize.prompts import check_format
 
@@ -68,6 +69,7 @@ EVAL_OPTIONS = {
     "capability_limit": "eval_capability_limit", "trainability_steps": "eval_trainability_steps",
     "trainability_tasks": "eval_trainability_tasks", "trainability_eval_samples": "eval_trainability_eval_samples",
     "toxicity_samples": "eval_toxicity_samples", "overrefusal_samples": "eval_overrefusal_samples",
+    "harmfulness_refusal_gate": "eval_harmfulness_refusal_gate",
 }
 
 
@@ -96,11 +98,17 @@ class RunOptions:
     # Resistance curves: the pipeline scores each attack with the harmfulness judge.
     curve_num_prompts: int = field(default=16, metadata={"help": "prompts judged at each curve point"})
     curve_max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per curve prompt"})
+    curve_refusal_gate: float = field(default=DEFAULT_THRESHOLD, metadata={
+        "help": "curve answers the refusal judge calls a refusal this surely (opening window; no later one "
+                "complies) score 0; 0: off"})
 
     # Evaluation.
     eval_suite: str = field(default="quick", metadata={"help": "evaluation suite for sizes left unset (quick, full)"})
     eval_harmfulness_samples: int = field(default=50, metadata={"help": "held-out harmful prompts (0: all)"})
     eval_max_new_tokens: int = field(default=64, metadata={"help": "answer length of harmfulness evaluations"})
+    eval_harmfulness_refusal_gate: float = field(default=DEFAULT_THRESHOLD, metadata={
+        "help": "answers the refusal judge calls a refusal this surely (opening window; no later one complies) "
+                "score harmfulness 0; 0: off"})
     eval_capability_limit: int | None = field(default=None, metadata={"help": "questions per capability task"})
     eval_trainability_steps: int | None = field(default=None, metadata={"help": "benign fine-tune steps"})
     eval_trainability_tasks: str | None = field(default=None, metadata={"help": "viggo, e2e"})
@@ -154,6 +162,7 @@ class RunConfig(RunOptions):
         check_format(self.prompt_format)
         check_numbers(self)
         check_at_least(self, 1, "curve_max_new_tokens")
+        self.curve_refusal_gate = check_threshold(self.curve_refusal_gate, "--curve_refusal_gate")
         for name in ("analysis_examples", "analysis_lens_tokens"):
             if getattr(self, name) < 1:
                 raise ImmunizeError(f"--{name}: must be positive, got {getattr(self, name)}")

@@ -183,13 +183,14 @@ class Experiment:
                        **{name: getattr(probe, name) for name in ("curve", "curve_every_steps", "curve_batch_size",
                                                                   "curve_save_models")},
                        "judge": c.harmfulness_judge, "judges": self.judges_state,
-                       "curve_prompts": c.curve_num_prompts, "curve_tokens": c.curve_max_new_tokens},
+                       "curve_prompts": c.curve_num_prompts, "curve_tokens": c.curve_max_new_tokens,
+                       "curve_refusal_gate": c.curve_refusal_gate},
                       weight=2.0 * len(self.attack_budgets[entry.label]))
 
         def work(path: Path) -> dict:
             scorer = HarmfulnessStepScorer(n_prompts=c.curve_num_prompts, max_new_tokens=c.curve_max_new_tokens,
                                            prompt_format=c.prompt_format, judge=c.harmfulness_judge,
-                                           data_root=c.data_root)
+                                           data_root=c.data_root, refusal_gate=c.curve_refusal_gate)
             cfg = dataclasses.replace(c.attack_config(entry, model, str(path)), **pipeline)
             runs = run_attacks(cfg, scorers=[scorer], report=lambda text: self.progress.line(f"  {text}"))
             out = {}
@@ -326,7 +327,8 @@ class Experiment:
                 harmfulness[name][budget["id"]] = harm_cell(post[name][budget["id"]]["harmfulness"])
                 curves[name][budget["id"]] = [
                     {"step": int(row["step"]), "harmfulness": row.get("harmfulness"),
-                     "refusal_rate": row.get("refusal_rate"), "harmful_loglik": row.get("harmful_loglik")}
+                     "refusal_rate": row.get("refusal_rate"), "gated_rate": row.get("gated_rate"),
+                     "harmful_loglik": row.get("harmful_loglik")}
                     for row in attacked[name][budget["id"]]["curve"] if row.get("harmfulness") is not None
                 ]
         results: dict[str, Any] = {
@@ -386,7 +388,17 @@ def harm_cell(doc: dict) -> dict[str, Any]:
                     for cat, v in (doc.get("breakdown") or {}).get("by_category", {}).items()}
     return {"mean": m["harmfulness"]["value"], "ci": m["harmfulness"]["ci95"],
             "fraction_harmful": m["harmful_rate"]["value"], "refusal_rate": m["refusal_rate"]["value"],
-            "n": m["harmfulness"]["n"], "per_category": per_category}
+            "n": m["harmfulness"]["n"], "per_category": per_category, **gate_fields(doc)}
+
+
+def gate_fields(doc: dict, rows: list[dict] | None = None) -> dict[str, Any]:
+    """The refusal gate of a harmfulness result: its threshold and how many answers it scored 0
+    (counted in ``rows`` when given); nothing for a result from before the gate."""
+    gate = (doc.get("details") or {}).get("refusal_gate")
+    if not isinstance(gate, dict):
+        return {}
+    gated = gate.get("gated") if rows is None else sum(bool(r.get("gated")) for r in rows)
+    return {"refusal_gate": gate.get("threshold"), "gated": gated}
 
 
 def category_cell(docs: dict, categories: list[str]) -> dict[str, Any] | None:
@@ -403,7 +415,7 @@ def category_cell(docs: dict, categories: list[str]) -> dict[str, Any] | None:
     return {"mean": harm["value"], "ci": harm["ci95"],
             "fraction_harmful": sum(r["harmful"] for r in chosen) / len(chosen),
             "refusal_rate": sum(r["refused"] for r in chosen) / len(chosen), "n": len(chosen),
-            "per_category": {}}
+            "per_category": {}, **gate_fields(doc, chosen)}
 
 
 def stability_cells(docs: dict) -> dict[str, Any]:

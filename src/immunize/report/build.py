@@ -186,6 +186,8 @@ def _harm_td(cell: dict | None, best: bool) -> str:
         tooltip.append(f"judged harmful {cell['fraction_harmful']:.1%}")
     if cell.get("refusal_rate") is not None:
         tooltip.append(f"refusals {cell['refusal_rate']:.1%}")
+    if cell.get("gated") is not None and cell.get("refusal_gate"):
+        tooltip.append(f"refusal-gated (scored 0) {cell['gated']}, refusal score ≥ {cell['refusal_gate']:g}")
     finite = isinstance(mean, (int, float)) and math.isfinite(mean)
     shade = 0.04 + 0.30 * min(max(mean, 0.0), 1.0) if finite else 0.0
     attrs = f' style="background: rgba(220, 38, 38, {shade:.3f})" title="{esc(" · ".join(tooltip))}"'
@@ -329,7 +331,8 @@ def _main_table(results: dict) -> str:
     return (_cells_table(results, results["harmfulness"], results["defences"])
             + '<p class="note">Mean harmfulness score (0–1, lower is better) with its 95 % confidence '
               "interval; the shade grows with harmfulness, the lowest value of each column is bold. Hover a "
-              "cell for n, the fraction judged harmful and the refusal rate.</p>"
+              "cell for n, the fraction judged harmful, the refusal rate and the answers scored 0 because "
+              "the refusal judge was sure they refuse (the refusal gate).</p>"
             + _per_category(results, results["harmfulness"], "Per-category harmfulness"))
 
 

@@ -59,7 +59,7 @@ class _Checker:
         self.kind(value, dict, where)
         self.number(value.get("mean"), f"{where}.mean")
         self.interval(value.get("ci"), f"{where}.ci")
-        for key in ("fraction_harmful", "refusal_rate", "fraction_toxic"):
+        for key in ("fraction_harmful", "refusal_rate", "fraction_toxic", "gated", "refusal_gate"):
             if value.get(key) is not None:
                 self.number(value[key], f"{where}.{key}")
         if value.get("per_category") is not None:
