@@ -108,7 +108,7 @@ class Experiment:
                 missing.append(name)
         if missing:
             self.progress.line(f"training {', '.join(missing)} once into {judges_dir()} "
-                               "(about 4 minutes on 2 CPU cores)")
+                               "(about 5 minutes on 2 CPU cores)")
             start = time.perf_counter()
             train_judges(missing, data_root_dir=self.cfg.data_root,
                          progress=lambda text: self.progress.line(f"  {text}"))
