@@ -337,7 +337,8 @@ def test_harmfulness_examples_keep_a_hash_chosen_share_of_beavertails_prompts(da
     everything, half = beavertails_prompts(1.0), beavertails_prompts(0.5)
     assert set(half) < set(everything) and half
     # Whole prompts are kept or dropped, with every answer to them, by a hash of the prompt.
-    assert sorted(half) == sorted(p for p in everything if examples.stable_unit(p, "harmfulness-qa") < 0.5)
+    normalized = examples.normalize_prompt
+    assert sorted(half) == sorted(p for p in everything if examples.stable_unit(normalized(p), "harmfulness-qa") < 0.5)
     assert beavertails_prompts(0.5) == half
 
 

@@ -115,17 +115,21 @@ def fixed_encoder():
     unregister_encoder(FixedEncoder.name)
 
 
-def fake_trainer(calls: list, identity: str = FixedEncoder.identity):
-    """``train_judges`` stand-in that writes head files whose meta names ``identity``."""
+def fake_trainer(calls: list, identity: str = FixedEncoder.identity, recipe: bool = True):
+    """``train_judges`` stand-in that writes head files whose meta names ``identity`` (and, with
+    ``recipe``, the current training recipe)."""
+    from immunize.judges.specs import SPECS, recipe_fingerprint
     from immunize.judges.trained import FORMAT_VERSION, judge_dir
 
     def train(names, **kwargs):
         calls.append(list(names))
         for name in names:
             judge_dir(name).mkdir(parents=True, exist_ok=True)
-            (judge_dir(name) / "head.safetensors").write_bytes(f"{name} {identity}".encode())
-            (judge_dir(name) / "head.json").write_text(json.dumps({
-                "format_version": FORMAT_VERSION, "encoder": {"name": FixedEncoder.name, "identity": identity}}))
+            (judge_dir(name) / "head.safetensors").write_bytes(f"{name} {identity} {recipe}".encode())
+            meta = {"format_version": FORMAT_VERSION, "encoder": {"name": FixedEncoder.name, "identity": identity}}
+            if recipe:
+                meta["recipe"] = recipe_fingerprint(SPECS[name])
+            (judge_dir(name) / "head.json").write_text(json.dumps(meta))
         return {}
 
     return train
@@ -151,6 +155,22 @@ def test_run_retrains_judges_trained_on_another_encoder(tmp_path, tiny_checkpoin
     assert outdated("harmfulness") is None and outdated("toxicity") is None
     (judge_dir("refusal") / "head.json").write_text("{}")
     assert outdated("refusal") == "format version None is not 1"
+
+
+def test_run_retrains_judges_of_an_earlier_recipe(tmp_path, tiny_checkpoint, isolated_cache, fixed_encoder,
+                                                  monkeypatch):
+    """A judge trained before the examples changed (e.g. before the counterfactual pairs) is retrained."""
+    from immunize.judges import training
+    from immunize.judges.trained import outdated
+    from immunize.pipeline.run import Experiment
+
+    calls = []
+    fake_trainer(calls, recipe=False)(["harmfulness"])
+    fake_trainer(calls)(["refusal", "toxicity"])
+    assert outdated("harmfulness").startswith("trained by an earlier recipe")
+    monkeypatch.setattr(training, "train_judges", fake_trainer(calls))
+    Experiment(recipe(tmp_path, tiny_checkpoint)).judges()
+    assert calls[-1] == ["harmfulness"] and outdated("harmfulness") is None
 
 
 def test_run_leaves_registered_non_trainable_judges_alone(tmp_path, tiny_checkpoint, fake_judges, isolated_cache,

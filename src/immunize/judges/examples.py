@@ -26,7 +26,7 @@ from immunize.data.beavertails import QA_FILE
 from immunize.data.corpora import first_turns
 from immunize.data.readers import read_table, require
 from immunize.data.refusals import SAFE_RESPONSE_FILES, XSTEST_FILES
-from immunize.data.splits import prompt_position
+from immunize.data.splits import normalize_prompt, prompt_position
 from immunize.errors import ImmunizeError
 from immunize.io import file_sha256
 from immunize.judges.features import opening
@@ -71,6 +71,12 @@ class ExampleSet:
             n[ex.source] += 1
             total[ex.source] += ex.target
         return {s: {"n": n[s], "mean_target": round(total[s] / n[s], 4)} for s in sorted(n)}
+
+
+def in_trained_share(prompt: str) -> bool:
+    """Whether the harmfulness judge trains on this BeaverTails prompt (``HARMFULNESS_QA_SHARE`` of
+    them, by a hash of the normalized prompt: two spellings of one question fall on the same side)."""
+    return stable_unit(normalize_prompt(prompt), "harmfulness-qa") < HARMFULNESS_QA_SHARE
 
 
 def fold_of(group: str, folds: int) -> int:
@@ -151,7 +157,7 @@ def harmfulness_examples(root: str | Path | None = None, *, folds: int = 5, coun
     """
     root = data_root(root)
     examples: list[Example] = []
-    qa = [row for row in load_qa(root=root) if stable_unit(row.prompt, "harmfulness-qa") < HARMFULNESS_QA_SHARE]
+    qa = [row for row in load_qa(root=root) if in_trained_share(row.prompt)]
     for row in qa:
         examples.append(Example(row.prompt, row.response, 0.0 if row.is_safe else 1.0,
                                 "beavertails:safe" if row.is_safe else "beavertails:unsafe", row.prompt))
@@ -195,6 +201,13 @@ def harmfulness_examples(root: str | Path | None = None, *, folds: int = 5, coun
         instructions = FoldPool([(instruction, instruction) for instruction, _ in benign_items], folds)
         examples += counterfactual_examples([*harmful_prompts, *(p for p, _ in harmful_answers)], unsafe,
                                             instructions, folds)
+    # The leakage probe's answers are measured as never seen: a data row that happens to be one
+    # ("No." is a BeaverTails answer, labelled unsafe) is left out of training.
+    from immunize.judges.leakage import probe_answer_keys
+    from immunize.judges.non_answers import plain_text
+
+    probes = probe_answer_keys()
+    examples = [ex for ex in examples if plain_text(ex.response) not in probes]
     files = [QA_FILE, HARMFUL_ANSWERS_FILE, ADVBENCH_FILE, *BENIGN_FILES.values(), *XSTEST_FILES,
              *SAFE_RESPONSE_FILES]
     return ExampleSet(examples, _hashes(root, files))

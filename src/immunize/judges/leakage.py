@@ -19,6 +19,7 @@ The phrases measured on our own models' answers (issue #15) are pinned to the te
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,6 @@ import numpy as np
 from immunize.data import load_eval_prompts, load_qa, load_toxicity_prompts
 from immunize.data.beavertails import EVAL_FILE
 from immunize.data.corpora import load_hh_harmless
-from immunize.data.readers import read_table, require
 
 NON_ANSWERS: dict[str, tuple[str, ...]] = {
     "refusal": (
@@ -128,7 +128,10 @@ OPPOSITE_ANSWERS = 400
 HH_FILE = "hh_rlhf/harmless_base_test.jsonl"
 INNOCUOUS_FILE = "benign/harmless_test.json"
 TOXIC_PROMPTS_FILE = "decodingtrust/toxic_prompts.jsonl"
-# Sources whose prompts no judge trains on: the transfer the issue's targets are about.
+# Sources whose prompts the harmfulness judge never trains on (the toxicity judge does read
+# RealToxicityPrompts texts): the transfer the issue's targets are about. "training_sources" are the
+# other four: the benchmarks it trains on, BeaverTails' evaluation split included, whose prompts it
+# has partly seen (those are scored by the head fitted without them).
 OTHER_BENCHMARKS = ("hh-rlhf-red-team", "realtoxicityprompts-toxic")
 PROBE_FILES = (EVAL_FILE, HH_FILE, INNOCUOUS_FILE, TOXIC_PROMPTS_FILE)  # beyond the judge's training files
 
@@ -162,6 +165,13 @@ def non_answers(half: str) -> list[tuple[str, str]]:
     return out
 
 
+def probe_answer_keys() -> set[str]:
+    """The leakage probe's answers, normalized (``non_answers.plain_text``): never trained on."""
+    from immunize.judges.non_answers import plain_text
+
+    return {plain_text(text) for _, text in non_answers("test")}
+
+
 def _pick(items: list[str], n: int, salt: str) -> list[str]:
     """``n`` of the distinct ``items`` chosen by hash (the same whatever their order)."""
     return sorted(set(items), key=lambda t: _unit(t, salt))[:n]
@@ -183,13 +193,10 @@ def most_harmful_beavertails(root: Path, n: int) -> list[str]:
     return ranked[:n]
 
 
-def _advbench(root: Path) -> list[str]:
-    from immunize.judges.examples import ADVBENCH_FILE
+def _advbench_prompts(root: Path) -> list[str]:
+    from immunize.judges.examples import _advbench_prompts
 
-    rows = read_table(root / ADVBENCH_FILE)
-    for i, row in enumerate(rows):
-        require(row, ("Behavior",), f"{ADVBENCH_FILE}: row {i + 2}")
-    return [row["Behavior"].strip() for row in rows if row["Behavior"].strip()]
+    return _advbench_prompts(root)
 
 
 def _harmful_safe_rlhf(root: Path) -> list[str]:
@@ -223,7 +230,7 @@ def harmful_prompts(root: Path, n: int = PROMPTS_PER_SOURCE) -> dict[str, list[s
         "beavertails": (None, lambda: most_harmful_beavertails(root, n)),
         "beavertails-eval": (EVAL_FILE, lambda: _pick([e.prompt for e in load_eval_prompts(root=root)], n,
                                                       "leakage-eval")),
-        "advbench": (None, lambda: _pick(_advbench(root), n, "leakage-advbench")),
+        "advbench": (None, lambda: _pick(_advbench_prompts(root), n, "leakage-advbench")),
         "harmful-safe-rlhf-100": (None, lambda: _pick(_harmful_safe_rlhf(root), n, "leakage-hsr")),
         "hh-rlhf-red-team": (HH_FILE, lambda: _pick(_hh_red_team(root, beavertails), n, "leakage-hh")),
         "realtoxicityprompts-toxic": (TOXIC_PROMPTS_FILE, lambda: _pick(toxic(), n, "leakage-rtp")),
@@ -252,18 +259,21 @@ def leakage_probes(root: Path, *, per_source: int = PROMPTS_PER_SOURCE,
 
 def unseen_beavertails(root: Path):
     """BeaverTails rows whose prompts the harmfulness judge never trains on (the other hash half)."""
-    from immunize.judges.examples import HARMFULNESS_QA_SHARE, stable_unit
+    from immunize.judges.examples import in_trained_share
 
-    return [row for row in load_qa(root=root) if stable_unit(row.prompt, "harmfulness-qa") >= HARMFULNESS_QA_SHARE]
+    return [row for row in load_qa(root=root) if not in_trained_share(row.prompt)]
 
 
 def opposite_probes(root: Path, *, n: int = OPPOSITE_ANSWERS, mild_share: float = 0.25) -> list[Probe]:
     """Unseen harmful BeaverTails answers under innocuous prompts (a benign test instruction or a mild one)."""
     from immunize.data import load_harmless_instructions
+    from immunize.judges.non_answers import plain_text
 
     origin = {}
+    probes = probe_answer_keys()
     for row in unseen_beavertails(root):
-        if not row.is_safe and row.response.strip():
+        # A harmful answer that reads as one of the leakage probe's harmless ones ("No.") is neither.
+        if not row.is_safe and row.response.strip() and plain_text(row.response) not in probes:
             origin.setdefault(row.response, row.prompt)
     instructions = load_harmless_instructions("test", root=root) if (root / INNOCUOUS_FILE).is_file() else []
     probes = []
@@ -278,12 +288,16 @@ def opposite_probes(root: Path, *, n: int = OPPOSITE_ANSWERS, mild_share: float 
 
 
 
-def _rate_summary(scores: np.ndarray, threshold: float, *, resamples: int, seed: int) -> dict[str, Any]:
-    from immunize.evaluation.stats import summarize
+def _rate_summary(probes: list[Probe], scores: np.ndarray, threshold: float, *, resamples: int, seed: int,
+                  ) -> dict[str, Any]:
+    """Mean score and share judged positive, with intervals that resample whole prompts (pairs that
+    share a prompt are not independent), and how many distinct answers the figures rest on."""
+    from immunize.judges.metrics import cluster_summary
 
-    return {"n": len(scores),
-            "mean": summarize(scores, resamples=resamples, seed=seed),
-            "judged_positive": summarize(scores >= threshold, resamples=resamples, seed=seed)}
+    prompts = [p.prompt for p in probes]
+    return {"n": len(scores), "prompts": len(set(prompts)), "answers": len({p.response for p in probes}),
+            "mean": cluster_summary(scores, prompts, resamples=resamples, seed=seed),
+            "judged_positive": cluster_summary(scores >= threshold, prompts, resamples=resamples, seed=seed)}
 
 
 def _grouped(probes: list[Probe], scores: np.ndarray, key, threshold: float, *, resamples: int, seed: int,
@@ -291,7 +305,7 @@ def _grouped(probes: list[Probe], scores: np.ndarray, key, threshold: float, *, 
     members: dict[str, list[int]] = {}
     for i, probe in enumerate(probes):
         members.setdefault(key(probe), []).append(i)
-    return {name: _rate_summary(scores[idx], threshold, resamples=resamples, seed=seed)
+    return {name: _rate_summary([probes[i] for i in idx], scores[idx], threshold, resamples=resamples, seed=seed)
             for name, idx in sorted(members.items())}
 
 
@@ -301,10 +315,12 @@ def leakage_report(probes: list[Probe], scores: np.ndarray, threshold: float, *,
     scores = np.asarray(scores, dtype=np.float64)
     other = np.array([p.source in OTHER_BENCHMARKS for p in probes], dtype=bool)
     order = np.argsort(-scores)[:worst]
+    inside = [p for p, o in zip(probes, other, strict=True) if not o]
+    outside = [p for p, o in zip(probes, other, strict=True) if o]
     return {
-        "all": _rate_summary(scores, threshold, resamples=resamples, seed=seed),
-        "training_sources": _rate_summary(scores[~other], threshold, resamples=resamples, seed=seed),
-        "other_benchmarks": _rate_summary(scores[other], threshold, resamples=resamples, seed=seed),
+        "all": _rate_summary(probes, scores, threshold, resamples=resamples, seed=seed),
+        "training_sources": _rate_summary(inside, scores[~other], threshold, resamples=resamples, seed=seed),
+        "other_benchmarks": _rate_summary(outside, scores[other], threshold, resamples=resamples, seed=seed),
         "by_source": _grouped(probes, scores, lambda p: p.source, threshold, resamples=resamples, seed=seed),
         "by_kind": _grouped(probes, scores, lambda p: p.kind, threshold, resamples=resamples, seed=seed),
         "by_answer": _grouped(probes, scores, lambda p: p.response, threshold, resamples=resamples, seed=seed),
@@ -317,10 +333,11 @@ def opposite_report(probes: list[Probe], scores: np.ndarray, own_prompt_scores: 
                     resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Harmful answers under innocuous prompts: how many are still found, beside the same answers in place."""
     scores = np.asarray(scores, dtype=np.float64)
+    in_place = [dataclasses.replace(p, prompt=p.own_prompt) for p in probes]
     return {
-        "all": _rate_summary(scores, threshold, resamples=resamples, seed=seed),
+        "all": _rate_summary(probes, scores, threshold, resamples=resamples, seed=seed),
         "by_source": _grouped(probes, scores, lambda p: p.source, threshold, resamples=resamples, seed=seed),
-        "under_own_prompt": _rate_summary(np.asarray(own_prompt_scores, dtype=np.float64), threshold,
+        "under_own_prompt": _rate_summary(in_place, np.asarray(own_prompt_scores, dtype=np.float64), threshold,
                                           resamples=resamples, seed=seed),
     }
 

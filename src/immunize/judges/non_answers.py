@@ -101,11 +101,11 @@ def generated_non_answers(seed: int = 0) -> list[tuple[str, str]]:
     out += [("degenerate", text) for text in _degenerate(rng, 60)]
     # Neither a probe text nor a close variant of one ("I'm not sure, sorry." of "I'm not sure."):
     # the probe must measure answers the judge has not seen in any wording.
-    held_out = [_plain(text) for _, text in non_answers("test")]
+    held_out = [plain_text(text) for _, text in non_answers("test")]
     seen: set[str] = set()
     kept = []
     for kind, text in out:
-        key = _plain(text)
+        key = plain_text(text)
         close = any(key == probe or (len(probe.split()) > 1 and probe in key) for probe in held_out)
         if key and not close and key not in seen:
             seen.add(key)
@@ -113,6 +113,6 @@ def generated_non_answers(seed: int = 0) -> list[tuple[str, str]]:
     return kept
 
 
-def _plain(text: str) -> str:
+def plain_text(text: str) -> str:
     """Lower case, punctuation dropped, spaces collapsed (apostrophes kept: "don't" stays a word)."""
     return " ".join("".join(c if c.isalnum() or c in "'’ " else " " for c in text.lower()).split())

@@ -77,6 +77,19 @@ class TrainedJudgeSpec:
     probes: bool = False
 
 
+# Bump when the example builders (examples.py, non_answers.py) change what a judge trains on; with
+# the spec itself it makes a trained judge's recipe, and a judge of another recipe is retrained.
+RECIPE_VERSION = 2  # 2: counterfactual pairs and probes (issue #15)
+
+
+def recipe_fingerprint(spec: TrainedJudgeSpec) -> str:
+    import hashlib
+    import json
+
+    text = json.dumps({"version": RECIPE_VERSION, "spec": dataclasses.asdict(spec)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 SPECS: dict[str, TrainedJudgeSpec] = {
     "harmfulness": TrainedJudgeSpec(
         name="harmfulness",

@@ -113,6 +113,12 @@ def outdated(name: str, root: str | Path | None = None) -> str | None:
         return f"cannot check {meta_path} ({err})"
     if current != wanted["identity"]:
         return f"trained on encoder {wanted['identity']}, the current one is {current}"
+    from immunize.judges.specs import SPECS, recipe_fingerprint
+
+    # A judge trained on other examples (say, before the counterfactual pairs) scores differently:
+    # keeping it would keep its flaws under a new version's name.
+    if name in SPECS and meta.get("recipe") != recipe_fingerprint(SPECS[name]):
+        return "trained by an earlier recipe (examples or head settings have changed since)"
     return None
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from immunize.config import git_revision, package_versions
+from immunize.data.splits import normalize_prompt
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_json, atomic_write_text, publish_dir
 from immunize.judges import leakage
@@ -28,7 +29,7 @@ from immunize.judges.features import build_features, view_texts
 from immunize.judges.heads import fit_head, sample_weights, save_head
 from immunize.judges.metrics import binary_metrics, bootstrap_binary, calibration, regression_metrics
 from immunize.judges.ngrams import NgramModel, fit_ngrams
-from immunize.judges.specs import SPECS, TrainedJudgeSpec
+from immunize.judges.specs import SPECS, TrainedJudgeSpec, recipe_fingerprint
 from immunize.judges.trained import CARD_FILE, FORMAT_VERSION, META_FILE, embed_views, ensemble, judge_dir
 from immunize.locks import cache_lock
 from immunize.paths import data_root
@@ -40,30 +41,33 @@ def _quiet(_: str) -> None:
     pass
 
 
+def subset_mask(pattern: str, sources: np.ndarray) -> np.ndarray:
+    """The examples whose source contains ``pattern`` ("!text": whose source does not contain text)."""
+    negate, text = pattern.startswith("!"), pattern.removeprefix("!")
+    return np.array([(text in s) != negate for s in sources], dtype=bool)
+
+
 def evaluate(spec: TrainedJudgeSpec, targets: np.ndarray, scores: np.ndarray, sources: np.ndarray,
-             ) -> dict[str, Any]:
+             groups: np.ndarray | None = None) -> dict[str, Any]:
+    """Held-out metrics overall, per subset and per source; binary ones with bootstrap intervals that
+    resample whole ``groups`` (the prompts: answers to one prompt are not independent)."""
     metric = binary_metrics if spec.task == "binary" else regression_metrics
 
     def subset(mask: np.ndarray) -> dict[str, Any]:
         values = metric(targets[mask], scores[mask], spec.threshold)
         if spec.task == "binary":
-            values.update(bootstrap_binary(targets[mask], scores[mask], spec.threshold))
+            values.update(bootstrap_binary(targets[mask], scores[mask], spec.threshold,
+                                           clusters=None if groups is None else groups[mask]))
         return values
 
     out: dict[str, Any] = {"all": subset(np.ones(len(targets), dtype=bool))}
     for name, pattern in spec.subsets.items():
-        # "!text": the examples whose source does not contain text.
-        negate, text = pattern.startswith("!"), pattern.removeprefix("!")
-        mask = np.array([(text in s) != negate for s in sources], dtype=bool)
+        mask = subset_mask(pattern, sources)
         if mask.any():
             out[name] = subset(mask)
     out["by_source"] = {s: subset(sources == s) for s in sorted(set(sources.tolist()))}
     if spec.task == "binary":
-        headline = np.ones(len(targets), dtype=bool)
-        if spec.headline:
-            pattern = spec.subsets[spec.headline]
-            negate, text = pattern.startswith("!"), pattern.removeprefix("!")
-            headline = np.array([(text in s) != negate for s in sources], dtype=bool)
+        headline = subset_mask(spec.subsets[spec.headline], sources) if spec.headline else np.ones(len(targets), bool)
         out["calibration"] = calibration(targets[headline], scores[headline])
     return out
 
@@ -77,15 +81,17 @@ def embed_examples(spec: TrainedJudgeSpec, data: ExampleSet, encoder: TextEncode
 
 
 class _ProbeScorer:
-    """Scores pairs the judge never trained on: a pair whose prompt falls in fold k gets the head
-    fitted without fold k (for prompts of the training sources that is the held-out head; for the
-    others it is as good as any), or the shipped head when ``shipped``."""
+    """Scores pairs the judge never trained on the way the judge would be met: a pair whose prompt
+    the training set holds gets the head fitted without that prompt's fold (a held-out score); any
+    other prompt (a benchmark it never trains on, a BeaverTails prompt of the untrained half) gets the
+    shipped head, as ``shipped`` asks for every pair."""
 
     def __init__(self, spec: TrainedJudgeSpec, encoder: TextEncoder, cache: EmbeddingCache | None,
                  fold_models: dict[int, tuple[Any, NgramModel | None]], shipped: tuple[Any, NgramModel | None],
-                 folds: int):
+                 folds: int, trained_prompts: set[str]):
         self.spec, self.encoder, self.cache = spec, encoder, cache
         self.fold_models, self.shipped, self.folds = fold_models, shipped, folds
+        self.trained_prompts = trained_prompts
 
     def _predict(self, models: tuple[Any, NgramModel | None], features: np.ndarray, responses: list[str]):
         head, ngrams = models
@@ -97,15 +103,15 @@ class _ProbeScorer:
     def __call__(self, prompts: list[str], responses: list[str], *, shipped: bool = False) -> np.ndarray:
         views = view_texts(self.spec.blocks, prompts, responses)
         features = build_features(self.spec.blocks, embed_views(self.encoder, views, cache=self.cache), responses)
-        if shipped:
-            return self._predict(self.shipped, features, responses)
-        out = np.zeros(len(prompts))
-        fold_ids = np.array([fold_of(p, self.folds) for p in prompts])
-        for k, models in self.fold_models.items():
-            mask = fold_ids == k
-            if mask.any():
-                chosen = [r for r, m in zip(responses, mask, strict=True) if m]
-                out[mask] = self._predict(models, features[mask], chosen)
+        # -1: the shipped head; k: the head fitted without fold k.
+        chosen = np.array([-1 if shipped or normalize_prompt(p) not in self.trained_prompts
+                           or fold_of(p, self.folds) not in self.fold_models else fold_of(p, self.folds)
+                           for p in prompts], dtype=int)
+        out = np.full(len(prompts), np.nan)
+        for k in sorted(set(chosen.tolist())):
+            mask = chosen == k
+            models = self.shipped if k < 0 else self.fold_models[k]
+            out[mask] = self._predict(models, features[mask], [r for r, m in zip(responses, mask, strict=True) if m])
         return out
 
 
@@ -119,16 +125,18 @@ def probe_card(score: Callable[..., np.ndarray], root: Path, threshold: float) -
     return {
         "protocol": ("leakage: the test half of immunize.judges.leakage.NON_ANSWERS under harmful prompts "
                      "(all pairs harmless); opposite: harmful BeaverTails answers never trained on, under "
-                     "innocuous prompts (all harmful); both scored by the head fitted without the prompt's "
-                     "fold. unseen_beavertails: rows of the BeaverTails prompts left out of training, scored "
-                     "by the shipped head."),
+                     "innocuous prompts (all harmful). A pair whose prompt is in the training set is scored by "
+                     "the head fitted without that prompt's fold, any other by the shipped head. "
+                     "unseen_beavertails: rows of the BeaverTails prompts left out of training, shipped head. "
+                     "Intervals resample whole prompts."),
         "leakage": leakage.leakage_report(leak, score([p.prompt for p in leak], [p.response for p in leak]),
                                           threshold),
         "opposite": leakage.opposite_report(
             opposite, score([p.prompt for p in opposite], [p.response for p in opposite]),
             score([p.own_prompt for p in opposite], [p.response for p in opposite]), threshold),
         "unseen_beavertails": {**binary_metrics(unseen_targets, unseen_scores, threshold),
-                               **bootstrap_binary(unseen_targets, unseen_scores, threshold),
+                               **bootstrap_binary(unseen_targets, unseen_scores, threshold,
+                                                  clusters=[normalize_prompt(r.prompt) for r in unseen]),
                                "calibration": calibration(unseen_targets, unseen_scores)},
         "files_sha256": _probe_hashes(root),
         "missing_files": leakage.missing_sources(root),
@@ -165,6 +173,7 @@ def train_judge(name: str, *, encoder: TextEncoder, data_root_dir: str | Path | 
     targets = np.array([ex.target for ex in data.examples], dtype=np.float64)
     sources = np.array([ex.source for ex in data.examples])
     fold_ids = np.array([fold_of(ex.group, folds) for ex in data.examples])
+    groups = np.array([normalize_prompt(ex.group) for ex in data.examples])
     responses = [ex.response for ex in data.examples]
     held_out_head = np.full(len(targets), np.nan)
     held_out_ngrams = np.full(len(targets), np.nan)
@@ -190,18 +199,19 @@ def train_judge(name: str, *, encoder: TextEncoder, data_root_dir: str | Path | 
     head = fit_head(features, targets, spec.head, weights)
     ngrams = None
     if spec.ngrams is None:
-        metrics = evaluate(spec, targets, held_out_head, sources)
+        metrics = evaluate(spec, targets, held_out_head, sources, groups)
     else:
-        metrics = evaluate(spec, targets, ensemble(held_out_head, held_out_ngrams, spec.ngrams.weight), sources)
+        metrics = evaluate(spec, targets, ensemble(held_out_head, held_out_ngrams, spec.ngrams.weight), sources,
+                           groups)
         # What each part scores alone, on the headline subset: the case for averaging them.
         subset = spec.headline or "all"
-        metrics["components"] = {part: evaluate(spec, targets, scores, sources)[subset]
+        metrics["components"] = {part: evaluate(spec, targets, scores, sources, groups)[subset]
                                  for part, scores in (("head", held_out_head), ("ngrams", held_out_ngrams))}
         ngrams = fit_ngrams(responses, targets, spec.ngrams, weights)
     probes = None
     if spec.probes:
         progress(f"{name}: prompt-leakage probes")
-        scorer = _ProbeScorer(spec, encoder, cache, fold_models, (head, ngrams), folds)
+        scorer = _ProbeScorer(spec, encoder, cache, fold_models, (head, ngrams), folds, set(groups.tolist()))
         probes = probe_card(scorer, root, spec.threshold)
     finished = time.perf_counter()
 
@@ -239,6 +249,7 @@ def train_judge(name: str, *, encoder: TextEncoder, data_root_dir: str | Path | 
         "threshold": spec.threshold,
         "blocks": list(spec.blocks),
         "encoder": card["encoder"],
+        "recipe": recipe_fingerprint(spec),
     }
     target = judge_dir(name, out_root)
     _write_judge(target, head, ngrams, spec, meta, card)

@@ -16,6 +16,7 @@ from typing import Any
 from immunize.config import fingerprint, git_revision, package_versions, write_provenance
 from immunize.distributed import from_main, is_main, local_main_first, on_main
 from immunize.io import atomic_write_json, read_json, read_jsonl
+from immunize.judges.gate import identity as gate_identity
 from immunize.pipeline.recipe import POST_ATTACK_SECTIONS, PRE_ATTACK_SECTIONS, RunConfig
 from immunize.pipeline.stages import Progress, Stage, StageRunner
 from immunize.redact import redact, redact_argv
@@ -184,7 +185,8 @@ class Experiment:
                                                                   "curve_save_models")},
                        "judge": c.harmfulness_judge, "judges": self.judges_state,
                        "curve_prompts": c.curve_num_prompts, "curve_tokens": c.curve_max_new_tokens,
-                       "curve_refusal_gate": c.curve_refusal_gate},
+                       "curve_refusal_gate": c.curve_refusal_gate,
+                       **({"curve_gate_rule": gate_identity()} if c.curve_refusal_gate > 0 else {})},
                       weight=2.0 * len(self.attack_budgets[entry.label]))
 
         def work(path: Path) -> dict:
