@@ -17,7 +17,7 @@ after a refusal ("It is important to remember that ...") is neither refusal nor 
 refusal judge (0.2-0.99, median 0.54, over the 31 lecturing refusals of a hand-labelled quickstart
 sheet), while compliance after a refusal scores 0.001-0.02. Measured in issue #15: 28 of those 31
 refusals are gated (requiring every window to reach the threshold gated 13); of 200 harmful answers
-never trained on, put behind a refusal sentence, none is gated whole, and 4 when cut to 12-25 words
+never trained on, put behind a refusal sentence, none is gated whole, and 3 when cut to 12-25 words
 (``benchmarks/bench_judge_variants.py``, ``refuse_then_comply``). The threshold and these constants
 are part of every key that depends on the gate (``identity``).
 
