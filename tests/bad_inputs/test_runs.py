@@ -285,6 +285,7 @@ def test_judges_being_trained_by_another_run_are_waited_for_then_reused(tmp_path
                                                                        caplog, monkeypatch):
     from immunize.judges import training
     from immunize.judges.encoders import register_encoder, unregister_encoder
+    from immunize.judges.specs import SPECS, recipe_fingerprint
     from immunize.judges.trained import FORMAT_VERSION, judges_dir
     from immunize.pipeline.run import Experiment
     from test_pipeline import FixedEncoder, recipe
@@ -292,10 +293,13 @@ def test_judges_being_trained_by_another_run_are_waited_for_then_reused(tmp_path
     register_encoder(FixedEncoder.name, FixedEncoder)
     try:
         # The other run writes the judges this one needs, as `immunize judge train` would.
-        meta = json.dumps({"format_version": FORMAT_VERSION,
-                           "encoder": {"name": FixedEncoder.name, "identity": FixedEncoder.identity}})
+        def meta(name: str) -> str:
+            return json.dumps({"format_version": FORMAT_VERSION, "recipe": recipe_fingerprint(SPECS[name]),
+                               "encoder": {"name": FixedEncoder.name, "identity": FixedEncoder.identity}})
+
         write = "".join(f"d = root / {name!r}\nd.mkdir(parents=True)\n(d / 'head.safetensors').write_text('h')\n"
-                        f"(d / 'head.json').write_text({meta!r})\n" for name in ("harmfulness", "refusal", "toxicity"))
+                        f"(d / 'head.json').write_text({meta(name)!r})\n"
+                        for name in ("harmfulness", "refusal", "toxicity"))
         root = judges_dir()
         code = holding(f"cache_lock({str(root)!r}, 'x')", then=f"from pathlib import Path\nroot = Path({str(root)!r})\n"
                                                                + write)
