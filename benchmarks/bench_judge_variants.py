@@ -34,13 +34,12 @@ import numpy as np
 from immunize.data import load_qa
 from immunize.judges import leakage
 from immunize.judges.encoders import EmbeddingCache, make_encoder
-from immunize.judges.examples import _advbench_prompts, _harmful_answers, harmfulness_examples
-from immunize.judges.features import build_features, view_texts
+from immunize.judges.examples import advbench_prompts, harmful_answer_pairs, harmfulness_examples
 from immunize.judges.gate import DEFAULT_THRESHOLD, apply_gate, refusal_gate
 from immunize.judges.heads import fit_head, sample_weights
 from immunize.judges.metrics import binary_metrics
 from immunize.judges.specs import SPECS
-from immunize.judges.trained import embed_views, judges_dir, load_trained
+from immunize.judges.trained import features_of, judges_dir, load_trained
 from immunize.judges.training import train_judge
 from immunize.paths import data_root
 
@@ -86,9 +85,8 @@ def summary(card: dict) -> dict:
     }
 
 
-def features_of(spec, encoder, cache, prompts, responses):
-    views = view_texts(spec.blocks, prompts, responses)
-    return build_features(spec.blocks, embed_views(encoder, views, cache=cache), responses)
+def spec_features(spec, encoder, cache, prompts, responses):
+    return features_of(spec.blocks, encoder, prompts, responses, cache=cache)
 
 
 class GateProbe:
@@ -113,7 +111,7 @@ class GateProbe:
         head = load_trained("harmfulness", root=judge_dir.parent, encoder=encoder).head
         out = {}
         for name, (prompts, responses, targets, gate) in self.sets.items():
-            raw = head.predict(features_of(spec, encoder, cache, prompts, responses))
+            raw = head.predict(spec_features(spec, encoder, cache, prompts, responses))
             gated = apply_gate(raw, gate)
             harmful = gate.gated[targets == 1]
             out[name] = {"gated_share": round(float(gate.gated.mean()), 4),
@@ -138,7 +136,7 @@ def refuse_then_comply(root: Path, threshold: float = DEFAULT_THRESHOLD) -> dict
     to 12-25 words (the evaluations' 32-48 tokens, where the whole answer is one or two windows)."""
     refusal = load_trained("refusal")
     rows = [r for r in leakage.unseen_beavertails_sample(root) if not r.is_safe and len(r.response.split()) > 40]
-    harmful = [(r.prompt, r.response) for r in rows[:150]] + _harmful_answers(root)[:50]
+    harmful = [(r.prompt, r.response) for r in rows[:150]] + harmful_answer_pairs(root)[:50]
     out = {}
     for name, cut in (("long", None), ("short", 25)):
         prompts, responses = [], []
@@ -160,7 +158,7 @@ def transfer(spec, encoder, cache, root: Path, name: str, left_out_prompts: set[
     out_mask = np.array([ex.group in left_out_prompts for ex in data.examples])
     prompts = [ex.prompt for ex in data.examples]
     responses = [ex.response for ex in data.examples]
-    features = features_of(spec, encoder, cache, prompts, responses)
+    features = spec_features(spec, encoder, cache, prompts, responses)
     targets = np.array([ex.target for ex in data.examples])
     sources = np.array([ex.source for ex in data.examples])
     keep = ~out_mask
@@ -170,7 +168,7 @@ def transfer(spec, encoder, cache, root: Path, name: str, left_out_prompts: set[
     answers = leakage.non_answers("test")
     probe_prompts = sorted(left_out_prompts)[:300]
     pairs = [(p, a) for p in probe_prompts for _, a in answers]
-    leak = head.predict(features_of(spec, encoder, cache, [p for p, _ in pairs], [a for _, a in pairs]))
+    leak = head.predict(spec_features(spec, encoder, cache, [p for p, _ in pairs], [a for _, a in pairs]))
     by_source = {}
     for source in sorted(set(sources[out_mask].tolist())):
         mask = sources[out_mask] == source
@@ -289,7 +287,7 @@ def main() -> None:
             results["variants"][name]["refusal_gate"] = gate_probe(variant_spec(name), Path(scratch) / name /
                                                                    "harmfulness", encoder, cache)
             print(f"{name}: {json.dumps(results['variants'][name])} ({time.perf_counter() - start:.0f}s)", flush=True)
-    advbench = set(_advbench_prompts(root)) | {p for p, _ in _harmful_answers(root)}
+    advbench = set(advbench_prompts(root)) | {p for p, _ in harmful_answer_pairs(root)}
     category = {row.prompt for row in load_qa(root=root) if TRANSFER_CATEGORY in row.categories}
     for name in [v for v in args.transfer.split(",") if v]:
         spec = variant_spec(name)

@@ -53,6 +53,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def positional(argv: list[str], option: str) -> list[str]:
+    """``COMMAND VALUE [options]`` as ``COMMAND --option VALUE [options]``: a first argument that is
+    not a flag names the one thing the command works on (a run directory, a labels file)."""
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):
+        argv = [f"--{option}", argv[0], *argv[1:]]
+    return argv
+
+
 def parse_config(types: Sequence[type], argv: Sequence[str] | None, *, prog: str, description: str = "",
                  values: dict[str, Any] | None = None, source: str | None = None):
     """Parse ``argv`` into one instance per dataclass in ``types`` (YAML first, flags override).

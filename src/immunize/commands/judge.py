@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from immunize.config import parse_config
+from immunize.config import parse_config, positional
 from immunize.errors import ImmunizeError
 
 HELP = ("harmfulness/refusal/toxicity judges: train, score JSONL, list; audit a run's judges against human "
@@ -233,16 +233,8 @@ def _list(argv: list[str]) -> int:
     return 0
 
 
-def _positional(argv: list[str], option: str) -> list[str]:
-    """``SUBCOMMAND VALUE [options]``: a first argument that is not a flag is ``--option VALUE``."""
-    argv = list(argv)
-    if argv and not argv[0].startswith("-"):
-        argv = [f"--{option}", argv[0], *argv[1:]]
-    return argv
-
-
 def _audit(argv: list[str]) -> int:
-    (cfg,) = parse_config([AuditConfig], _positional(argv, "run_dir"), prog="immunize judge audit",
+    (cfg,) = parse_config([AuditConfig], positional(argv, "run_dir"), prog="immunize judge audit",
                           description="disagreements between a run's judges, and a labelling sheet")
     if not cfg.run_dir:
         raise ImmunizeError("give the run directory: immunize judge audit RUN_DIR")
@@ -267,7 +259,7 @@ def _audit(argv: list[str]) -> int:
 
 
 def _agreement(argv: list[str]) -> int:
-    (cfg,) = parse_config([AgreementConfig], _positional(argv, "labels"), prog="immunize judge agreement",
+    (cfg,) = parse_config([AgreementConfig], positional(argv, "labels"), prog="immunize judge agreement",
                           description="judges against a person's labels")
     if not cfg.labels:
         raise ImmunizeError("give the labelling sheet: immunize judge agreement --labels FILE")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from immunize.config import parse_config
+from immunize.config import parse_config, positional
 from immunize.errors import ImmunizeError
 from immunize.io import check_output_dir
 
@@ -23,11 +23,8 @@ class ReportConfig:
 
 
 def main(argv: list[str]) -> int:
-    argv = list(argv)
     # `immunize report RUN_DIR [options]`: the positional form is the natural one for a directory.
-    if argv and not argv[0].startswith("-"):
-        argv = ["--run_dir", argv[0], *argv[1:]]
-    (cfg,) = parse_config([ReportConfig], argv, prog="immunize report", description=HELP)
+    (cfg,) = parse_config([ReportConfig], positional(argv, "run_dir"), prog="immunize report", description=HELP)
     if not cfg.run_dir:
         raise ImmunizeError("give the run directory: immunize report RUN_DIR")
     run_dir = Path(cfg.run_dir)

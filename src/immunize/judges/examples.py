@@ -108,7 +108,7 @@ def _hashes(root: Path, rels) -> dict[str, str]:
     return {rel: file_sha256(root / rel) for rel in sorted(rels)}
 
 
-def _harmful_answers(root: Path) -> list[tuple[str, str]]:
+def harmful_answer_pairs(root: Path) -> list[tuple[str, str]]:
     out = []
     for i, row in enumerate(read_table(root / HARMFUL_ANSWERS_FILE)):
         where = f"{HARMFUL_ANSWERS_FILE}: row {i + 1}"
@@ -119,7 +119,7 @@ def _harmful_answers(root: Path) -> list[tuple[str, str]]:
     return out
 
 
-def _advbench_prompts(root: Path) -> list[str]:
+def advbench_prompts(root: Path) -> list[str]:
     rows = read_table(root / ADVBENCH_FILE)
     for i, row in enumerate(rows):
         require(row, ("Behavior",), f"{ADVBENCH_FILE}: row {i + 2}")
@@ -161,7 +161,7 @@ def harmfulness_examples(root: str | Path | None = None, *, folds: int = 5, coun
     for row in qa:
         examples.append(Example(row.prompt, row.response, 0.0 if row.is_safe else 1.0,
                                 "beavertails:safe" if row.is_safe else "beavertails:unsafe", row.prompt))
-    harmful_answers = _harmful_answers(root)
+    harmful_answers = harmful_answer_pairs(root)
     for prompt, answer in harmful_answers:
         examples.append(Example(prompt, answer, 1.0, "harmful-safe-rlhf-100", prompt))
     benign_items = []
@@ -182,7 +182,7 @@ def harmfulness_examples(root: str | Path | None = None, *, folds: int = 5, coun
 
     refusals = FoldPool(_refusal_pool_items(root), folds)
     off_topic = FoldPool(benign_items, folds)
-    harmful_prompts = sorted({r.prompt for r in qa if not r.is_safe} | set(_advbench_prompts(root)))
+    harmful_prompts = sorted({r.prompt for r in qa if not r.is_safe} | set(advbench_prompts(root)))
     for prompt in harmful_prompts:
         u = stable_unit(prompt, "harmfulness-synthetic")
         if u < 0.3:

@@ -27,9 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from immunize.data import load_eval_prompts, load_qa, load_toxicity_prompts
+from immunize.data import load_eval_prompts, load_harmless_instructions, load_qa, load_toxicity_prompts
 from immunize.data.beavertails import EVAL_FILE
 from immunize.data.corpora import load_hh_harmless
+from immunize.judges.examples import advbench_prompts, harmful_answer_pairs, in_trained_share, stable_unit
+from immunize.judges.metrics import cluster_summary
+from immunize.judges.non_answers import plain_text
 
 NON_ANSWERS: dict[str, tuple[str, ...]] = {
     "refusal": (
@@ -146,12 +149,6 @@ class Probe:
     own_prompt: str = ""  # opposite probe: the prompt the answer was written for
 
 
-def _unit(text: str, salt: str) -> float:
-    from immunize.judges.examples import stable_unit
-
-    return stable_unit(text, salt)
-
-
 def non_answers(half: str) -> list[tuple[str, str]]:
     """(kind, text) of the ``train`` or ``test`` half of the hand-written non-answers."""
     if half not in ("train", "test"):
@@ -159,7 +156,7 @@ def non_answers(half: str) -> list[tuple[str, str]]:
     out = []
     for kind, texts in NON_ANSWERS.items():
         for text in texts:
-            test = text in PINNED_TEST or _unit(text, "leakage-half") < TEST_SHARE
+            test = text in PINNED_TEST or stable_unit(text, "leakage-half") < TEST_SHARE
             if test == (half == "test"):
                 out.append((kind, text))
     return out
@@ -167,14 +164,12 @@ def non_answers(half: str) -> list[tuple[str, str]]:
 
 def probe_answer_keys() -> set[str]:
     """The leakage probe's answers, normalized (``non_answers.plain_text``): never trained on."""
-    from immunize.judges.non_answers import plain_text
-
     return {plain_text(text) for _, text in non_answers("test")}
 
 
 def _pick(items: list[str], n: int, salt: str) -> list[str]:
     """``n`` of the distinct ``items`` chosen by hash (the same whatever their order)."""
-    return sorted(set(items), key=lambda t: _unit(t, salt))[:n]
+    return sorted(set(items), key=lambda t: stable_unit(t, salt))[:n]
 
 
 def most_harmful_beavertails(root: Path, n: int) -> list[str]:
@@ -189,20 +184,12 @@ def most_harmful_beavertails(root: Path, n: int) -> list[str]:
             unsafe[row.prompt] += 1
             categories.setdefault(row.prompt, set()).update(row.categories)
     ranked = sorted((p for p in unsafe if p not in safe),
-                    key=lambda p: (-len(categories[p]), -unsafe[p], _unit(p, "leakage-beavertails")))
+                    key=lambda p: (-len(categories[p]), -unsafe[p], stable_unit(p, "leakage-beavertails")))
     return ranked[:n]
 
 
-def _advbench_prompts(root: Path) -> list[str]:
-    from immunize.judges.examples import _advbench_prompts
-
-    return _advbench_prompts(root)
-
-
 def _harmful_safe_rlhf(root: Path) -> list[str]:
-    from immunize.judges.examples import _harmful_answers
-
-    return [prompt for prompt, _ in _harmful_answers(root)]
+    return [prompt for prompt, _ in harmful_answer_pairs(root)]
 
 
 def _hh_red_team(root: Path, exclude: set[str]) -> list[str]:
@@ -230,7 +217,7 @@ def harmful_prompts(root: Path, n: int = PROMPTS_PER_SOURCE) -> dict[str, list[s
         "beavertails": (None, lambda: most_harmful_beavertails(root, n)),
         "beavertails-eval": (EVAL_FILE, lambda: _pick([e.prompt for e in load_eval_prompts(root=root)], n,
                                                       "leakage-eval")),
-        "advbench": (None, lambda: _pick(_advbench_prompts(root), n, "leakage-advbench")),
+        "advbench": (None, lambda: _pick(advbench_prompts(root), n, "leakage-advbench")),
         "harmful-safe-rlhf-100": (None, lambda: _pick(_harmful_safe_rlhf(root), n, "leakage-hsr")),
         "hh-rlhf-red-team": (HH_FILE, lambda: _pick(_hh_red_team(root, beavertails), n, "leakage-hh")),
         "realtoxicityprompts-toxic": (TOXIC_PROMPTS_FILE, lambda: _pick(toxic(), n, "leakage-rtp")),
@@ -250,7 +237,8 @@ def leakage_probes(root: Path, *, per_source: int = PROMPTS_PER_SOURCE,
     probes = []
     for source, prompts in harmful_prompts(root, per_source).items():
         for prompt in prompts:
-            chosen = sorted(range(len(answers)), key=lambda i: _unit(f"{prompt}\0{answers[i][1]}", "leakage-pair"))
+            chosen = sorted(range(len(answers)),
+                            key=lambda i: stable_unit(f"{prompt}\0{answers[i][1]}", "leakage-pair"))
             for i in chosen[:per_prompt]:
                 kind, text = answers[i]
                 probes.append(Probe(prompt, text, source, kind, 0.0))
@@ -259,16 +247,11 @@ def leakage_probes(root: Path, *, per_source: int = PROMPTS_PER_SOURCE,
 
 def unseen_beavertails(root: Path):
     """BeaverTails rows whose prompts the harmfulness judge never trains on (the other hash half)."""
-    from immunize.judges.examples import in_trained_share
-
     return [row for row in load_qa(root=root) if not in_trained_share(row.prompt)]
 
 
 def opposite_probes(root: Path, *, n: int = OPPOSITE_ANSWERS, mild_share: float = 0.25) -> list[Probe]:
     """Unseen harmful BeaverTails answers under innocuous prompts (a benign test instruction or a mild one)."""
-    from immunize.data import load_harmless_instructions
-    from immunize.judges.non_answers import plain_text
-
     origin = {}
     probes = probe_answer_keys()
     for row in unseen_beavertails(root):
@@ -278,10 +261,10 @@ def opposite_probes(root: Path, *, n: int = OPPOSITE_ANSWERS, mild_share: float 
     instructions = load_harmless_instructions("test", root=root) if (root / INNOCUOUS_FILE).is_file() else []
     probes = []
     for answer in _pick(list(origin), n, "opposite-answers"):
-        if not instructions or _unit(answer, "opposite-mild") < mild_share:
-            prompt, source = MILD_PROMPTS[int(_unit(answer, "opposite-prompt") * len(MILD_PROMPTS))], "mild"
+        if not instructions or stable_unit(answer, "opposite-mild") < mild_share:
+            prompt, source = MILD_PROMPTS[int(stable_unit(answer, "opposite-prompt") * len(MILD_PROMPTS))], "mild"
         else:
-            prompt = instructions[int(_unit(answer, "opposite-prompt") * len(instructions))]
+            prompt = instructions[int(stable_unit(answer, "opposite-prompt") * len(instructions))]
             source = "benign-test-instruction"
         probes.append(Probe(prompt, answer, source, "harmful", 1.0, own_prompt=origin[answer]))
     return probes
@@ -292,8 +275,6 @@ def _rate_summary(probes: list[Probe], scores: np.ndarray, threshold: float, *, 
                   ) -> dict[str, Any]:
     """Mean score and share judged positive, with intervals that resample whole prompts (pairs that
     share a prompt are not independent), and how many distinct answers the figures rest on."""
-    from immunize.judges.metrics import cluster_summary
-
     prompts = [p.prompt for p in probes]
     return {"n": len(scores), "prompts": len(set(prompts)), "answers": len({p.response for p in probes}),
             "mean": cluster_summary(scores, prompts, resamples=resamples, seed=seed),
@@ -348,4 +329,4 @@ UNSEEN_SAMPLE = 1500
 def unseen_beavertails_sample(root: Path, n: int = UNSEEN_SAMPLE):
     """A hash-chosen ``n`` of ``unseen_beavertails`` (embedding long answers is the slow part)."""
     rows = unseen_beavertails(root)
-    return sorted(rows, key=lambda r: _unit(f"{r.prompt}\0{r.response}", "unseen-sample"))[:n]
+    return sorted(rows, key=lambda r: stable_unit(f"{r.prompt}\0{r.response}", "unseen-sample"))[:n]

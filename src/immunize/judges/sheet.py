@@ -103,21 +103,22 @@ def parse_label(value: Any, name: str, where: str) -> bool | None:
 def _sheet_records(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     if path.suffix.lower() == ".csv":
         reader = csv.reader(io.StringIO(read_text(path), newline=""))
-        try:
-            header = next(reader)
-        except StopIteration:
+
+        def row(number: int) -> list[str] | None:
+            """Row ``number`` (1 = the header), None at the end; a malformed one is named."""
+            try:
+                return next(reader)
+            except StopIteration:
+                return None
+            except csv.Error as err:
+                raise ImmunizeError(f"{path}: row {number}: malformed CSV ({err})") from None
+
+        header = row(1)
+        if header is None:
             return
-        except csv.Error as err:
-            raise ImmunizeError(f"{path}: row 1: malformed CSV ({err})") from None
         header = [h.strip() for h in header]
         number = 1
-        while True:
-            try:
-                values = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as err:
-                raise ImmunizeError(f"{path}: row {number + 1}: malformed CSV ({err})") from None
+        while (values := row(number + 1)) is not None:
             number += 1
             if not any(v.strip() for v in values):
                 continue

@@ -50,6 +50,20 @@ def ensemble(head_scores: np.ndarray, ngram_scores: np.ndarray, weight: float) -
     return (1.0 - weight) * np.asarray(head_scores) + weight * np.asarray(ngram_scores)
 
 
+def features_of(blocks, encoder: TextEncoder, prompts: list[str], responses: list[str], *,
+                cache: EmbeddingCache | None = None, progress=None) -> np.ndarray:
+    """The feature matrix of ``blocks`` for (prompt, response) pairs: what a trained head reads."""
+    views = embed_views(encoder, view_texts(blocks, prompts, responses), cache=cache, progress=progress)
+    return build_features(blocks, views, responses)
+
+
+def predict(head, ngrams: NgramModel | None, weight: float | None, features: np.ndarray,
+            responses: list[str]) -> np.ndarray:
+    """A trained judge's scores: its head's, averaged with its n-gram model's when it has one."""
+    scores = head.predict(features)
+    return scores if ngrams is None else ensemble(scores, ngrams.predict(responses), weight)
+
+
 def judge_files(directory: Path) -> list[Path]:
     """The files a trained judge scores with (its head, and its n-gram model when it has one)."""
     files = [directory / WEIGHTS_FILE, directory / META_FILE]
@@ -168,14 +182,10 @@ class TrainedJudge(Judge):
         self._fingerprint = digest.hexdigest()[:16]
 
     def features(self, prompts: list[str], responses: list[str]) -> np.ndarray:
-        return build_features(self.blocks, embed_views(self.encoder, view_texts(self.blocks, prompts, responses)),
-                              responses)
+        return features_of(self.blocks, self.encoder, prompts, responses)
 
     def _score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
-        scores = self.head.predict(self.features(prompts, responses))
-        if self.ngrams is None:
-            return scores
-        return ensemble(scores, self.ngrams.predict(responses), self.ngrams_weight)
+        return predict(self.head, self.ngrams, self.ngrams_weight, self.features(prompts, responses), responses)
 
     def fingerprint(self) -> str:
         return self._fingerprint

@@ -25,12 +25,11 @@ from immunize.judges import leakage
 from immunize.judges.card import render_readme
 from immunize.judges.encoders import EmbeddingCache, TextEncoder
 from immunize.judges.examples import BUILDERS, ExampleSet, fold_of
-from immunize.judges.features import build_features, view_texts
 from immunize.judges.heads import fit_head, sample_weights, save_head
 from immunize.judges.metrics import binary_metrics, bootstrap_binary, calibration, regression_metrics
 from immunize.judges.ngrams import NgramModel, fit_ngrams
 from immunize.judges.specs import SPECS, TrainedJudgeSpec, recipe_fingerprint
-from immunize.judges.trained import CARD_FILE, FORMAT_VERSION, META_FILE, embed_views, ensemble, judge_dir
+from immunize.judges.trained import CARD_FILE, FORMAT_VERSION, META_FILE, ensemble, features_of, judge_dir, predict
 from immunize.locks import cache_lock
 from immunize.paths import data_root
 
@@ -74,10 +73,8 @@ def evaluate(spec: TrainedJudgeSpec, targets: np.ndarray, scores: np.ndarray, so
 
 def embed_examples(spec: TrainedJudgeSpec, data: ExampleSet, encoder: TextEncoder,
                    cache: EmbeddingCache | None, progress: Progress) -> np.ndarray:
-    prompts = [ex.prompt for ex in data.examples]
-    responses = [ex.response for ex in data.examples]
-    views = view_texts(spec.blocks, prompts, responses)
-    return build_features(spec.blocks, embed_views(encoder, views, cache=cache, progress=progress), responses)
+    return features_of(spec.blocks, encoder, [ex.prompt for ex in data.examples],
+                       [ex.response for ex in data.examples], cache=cache, progress=progress)
 
 
 class _ProbeScorer:
@@ -93,25 +90,22 @@ class _ProbeScorer:
         self.fold_models, self.shipped, self.folds = fold_models, shipped, folds
         self.trained_prompts = trained_prompts
 
-    def _predict(self, models: tuple[Any, NgramModel | None], features: np.ndarray, responses: list[str]):
-        head, ngrams = models
-        scores = head.predict(features)
-        if ngrams is None:
-            return scores
-        return ensemble(scores, ngrams.predict(responses), self.spec.ngrams.weight)
+    def _models(self, prompt: str, shipped: bool) -> int:
+        """-1: the shipped head; k: the head fitted without fold k."""
+        k = fold_of(prompt, self.folds)
+        held_out = not shipped and normalize_prompt(prompt) in self.trained_prompts and k in self.fold_models
+        return k if held_out else -1
 
     def __call__(self, prompts: list[str], responses: list[str], *, shipped: bool = False) -> np.ndarray:
-        views = view_texts(self.spec.blocks, prompts, responses)
-        features = build_features(self.spec.blocks, embed_views(self.encoder, views, cache=self.cache), responses)
-        # -1: the shipped head; k: the head fitted without fold k.
-        chosen = np.array([-1 if shipped or normalize_prompt(p) not in self.trained_prompts
-                           or fold_of(p, self.folds) not in self.fold_models else fold_of(p, self.folds)
-                           for p in prompts], dtype=int)
+        features = features_of(self.spec.blocks, self.encoder, prompts, responses, cache=self.cache)
+        chosen = np.array([self._models(p, shipped) for p in prompts], dtype=int)
+        weight = self.spec.ngrams.weight if self.spec.ngrams is not None else None
         out = np.full(len(prompts), np.nan)
         for k in sorted(set(chosen.tolist())):
             mask = chosen == k
-            models = self.shipped if k < 0 else self.fold_models[k]
-            out[mask] = self._predict(models, features[mask], [r for r, m in zip(responses, mask, strict=True) if m])
+            head, ngrams = self.shipped if k < 0 else self.fold_models[k]
+            out[mask] = predict(head, ngrams, weight, features[mask],
+                                [r for r, m in zip(responses, mask, strict=True) if m])
         return out
 
 
