@@ -60,7 +60,7 @@ def _time(trainer) -> tuple[float, float]:
 
 def sft_reference(args, tmp: str) -> tuple[float, float, int]:
     from immunize.defences import defence_config
-    from immunize.defences.repnoise import paired_defence_data
+    from immunize.defences.paired import paired_defence_data
     from immunize.prompts import CausalLMCollator
     from immunize.training import GuardedTrainer, ImmunizeTrainingArguments, load_training_model
 

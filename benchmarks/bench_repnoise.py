@@ -74,11 +74,14 @@ SEED = 1234
 
 
 def build_features(model_name: str, n_pairs: int, max_length: int) -> list[dict]:
-    from immunize.data import RefusalBank, build_pairs, load_splits
+    from immunize.data import build_pairs, load_splits
+    from immunize.judges.topical_refusals import topical_refusal
     from immunize.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_name)
-    pairs = build_pairs(load_splits().defence, RefusalBank.from_data())
+    rows = load_splits().defence
+    # Step time depends on the lengths, not on who wrote the refusal: topical ones need no generation.
+    pairs = build_pairs(rows, {r.prompt: topical_refusal(r.prompt) for r in rows})
     features, _ = encode_pairs(tokenizer, pairs[: n_pairs * 2], "chat", max_length)
     return features[:n_pairs]
 

@@ -187,10 +187,9 @@ def test_plan_rejects_sweeps_that_do_not_change_the_attack(tiny_checkpoint, tmp_
 
 def _pools(splits, root):
     from immunize.attacks import data
-    from immunize.data import RefusalBank
 
     return {"sft": data.harmful_qa(splits),
-            "dpo-beavertails": data.beavertails_preferences(splits, RefusalBank.from_data(root)),
+            "dpo-beavertails": data.beavertails_preferences(splits),
             "dpo-hh_rlhf": data.hh_preferences(None, root, splits)}
 
 

@@ -95,10 +95,23 @@ def test_refusal_bank_is_real_diverse_and_stable(real_data_root, splits):
     bank = RefusalBank.from_data(real_data_root)
     assert len(bank) > 300
     assert all(looks_like_refusal(t) for t in bank.texts)
-    pairs = build_pairs(splits.defence[:300], bank)
-    assert len({p.refusal for p in pairs}) > 100
-    assert pairs == build_pairs(splits.defence[:300], RefusalBank.from_data(real_data_root))
-    assert all(p.harmful != p.refusal for p in pairs)
+    prompts = [r.prompt for r in splits.defence[:300]]
+    assert len({bank.for_prompt(p) for p in prompts}) > 100
+    again = RefusalBank.from_data(real_data_root)
+    assert [bank.for_prompt(p) for p in prompts] == [again.for_prompt(p) for p in prompts]
+
+
+def test_pairs_meet_the_refusal_of_their_own_question(splits, qa):
+    rows = splits.defence[:40]
+    prompts = list(dict.fromkeys(r.prompt for r in rows))
+    refusals = {p: f"I cannot help with: {p}" for p in prompts[::2]}  # the others were dropped
+    pairs = build_pairs(rows, refusals)
+    assert pairs and all(p.refusal == refusals[p.prompt] for p in pairs)
+    assert [(p.prompt, p.harmful) for p in pairs] == [(r.prompt, r.response) for r in rows if r.prompt in refusals]
+    safe = [r for r in qa if r.is_safe][:5]
+    assert build_pairs([*safe, *rows[:1]], refusals) == build_pairs(rows[:1], refusals)  # safe rows never pair
+    with pytest.raises(ImmunizeError, match="no harmful rows to pair with refusals"):
+        build_pairs(safe, {r.prompt: "I can't." for r in safe})
 
 
 def test_keyword_refusal_check():
@@ -148,31 +161,3 @@ def test_missing_data_root(monkeypatch, tmp_path):
 
     with pytest.raises(ImmunizeError, match="data root not found"):
         data_root(tmp_path / "nope")
-
-
-def test_generated_refusals_are_filtered_and_fall_back_to_the_bank(real_data_root, splits):
-    import torch
-
-    from immunize.data import generate_refusals
-    from immunize.testing import tiny_model, tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    model = tiny_model("llama")
-    refusal_ids = tok("I'm sorry, I can't help with that.", add_special_tokens=False)["input_ids"]
-    prompts = [r.prompt for r in splits.defence[:3]]
-
-    def fake_generate(input_ids, **kwargs):
-        # Row 0 refuses; the others comply, and must be filtered out by the refusal check.
-        comply = tok("Sure, here is how.", add_special_tokens=False)["input_ids"]
-        rows = [refusal_ids] + [comply] * (input_ids.shape[0] - 1)
-        width = max(map(len, rows))
-        tail = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
-        return torch.cat([input_ids, tail], dim=1)
-
-    model.generate = fake_generate
-    generated = generate_refusals(model, tok, prompts)
-    assert generated == {prompts[0]: "I'm sorry, I can't help with that."}
-    bank = RefusalBank.from_data(real_data_root)
-    pairs = build_pairs(splits.defence[:3], bank, generated)
-    assert pairs[0].refusal == generated[prompts[0]]
-    assert pairs[1].refusal == bank.for_prompt(prompts[1])

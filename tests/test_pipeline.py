@@ -66,7 +66,7 @@ def test_run_end_to_end_then_cached(tmp_path, tiny_checkpoint, fake_judges, isol
     assert len(stage_markers) == 1 + 2 + 2 + 2 + 2 + 1
     assert results["baseline"] == "none"
     assert results["defence_info"]["repnoise"] == {"defence": "repnoise", "keeps_capability": True,
-                                                   "attack_adapter": None,
+                                                   "attack_adapter": None, "seed": 42,
                                                    "options": {"num_samples": 8, "learning_rate": 1e-3}}
 
     # A re-run reuses every stage; changing an attack knob recomputes only the attack side.

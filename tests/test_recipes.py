@@ -96,3 +96,28 @@ def test_entries_need_unique_labels_and_one_undefended_row():
         RunConfig(defences=["none", {"label": "x", "defence": "nope"}])
     cfg = RunConfig(defences=["none", {"label": "repnoise-no-noise", "defence": "repnoise", "ablate": ["noise"]}])
     assert cfg.defence_entries[1].options == {"ablate": "noise"}
+
+
+def test_defence_seeds_expand_into_replicate_rows_with_their_own_seed():
+    from immunize.errors import ImmunizeError
+    from immunize.pipeline.recipe import RunConfig, parse_run_config
+
+    cfg = RunConfig(seed=7, defences=["none", {"label": "rn", "defence": "repnoise", "seeds": [1, 2], "alpha": 2},
+                                      {"label": "solo", "defence": "repnoise", "seeds": [5]}, "repnoise"])
+    assert [(e.label, e.method, e.seed) for e in cfg.defence_entries] == [
+        ("none", "none", None), ("rn-seed1", "repnoise", 1), ("rn-seed2", "repnoise", 2),
+        ("solo", "repnoise", 5), ("repnoise", "repnoise", None)]
+    seeds = [cfg.defence_config(e, "m", "out").seed for e in cfg.defence_entries[1:]]
+    assert seeds == [1, 2, 5, 7]  # a replicate's own seed, else the recipe's
+    assert cfg.defence_entries[2].options == {"alpha": 2.0}
+    assert cfg.alignment is not None and cfg.defence_config(cfg.alignment, "m", "out").seed == 7
+    flag = parse_run_config(["--config", "recipes/quickstart.yaml", "--defences.repnoise.seeds", "3,4"])
+    assert [e.label for e in flag.defence_entries] == ["none", "repnoise-seed3", "repnoise-seed4"]
+    for defences, message in (
+            (["none", {"label": "rn", "defence": "repnoise", "seeds": [1, 1]}], r"rn\.seeds: expected distinct"),
+            (["none", {"label": "rn", "defence": "repnoise", "seeds": ["x"]}], r"rn\.seeds: expected a list of int"),
+            ([{"label": "none", "seeds": [1]}, "repnoise"], r"none\.seeds: the undefended model trains nothing")):
+        with pytest.raises(ImmunizeError, match=message):
+            RunConfig(defences=defences)
+    with pytest.raises(ImmunizeError, match=r"^--align\.seeds: the alignment stage runs once"):
+        RunConfig(align={"seeds": [1, 2]})

@@ -14,19 +14,21 @@ import torch.nn.functional as F
 from immunize.data import HarmfulPair
 from immunize.defences import DEFENCES, available_defences, defence_config, get_defence
 from immunize.defences.losses import head_cross_entropy, mmd_rbf, mmd_rbf_checkpointed
-from immunize.defences.paired import PairedCollator, encode_pairs, first_divergence
+from immunize.defences.paired import PairedCollator, build_defence_pairs, encode_pairs, first_divergence
 from immunize.defences.repnoise import (
+    EMBEDDINGS,
     ExampleNoise,
     RepNoiseConfig,
     RepNoiseOptions,
     RepNoiseTrainer,
     _Readout,
-    build_defence_pairs,
+    draw_lens,
     example_seed,
     repnoise_loss,
     select_layers,
 )
 from immunize.errors import ImmunizeError
+from immunize.hooks import resolve_hook_points
 from immunize.prompts import IGNORE_INDEX
 from immunize.testing import tiny_model, tiny_tokenizer
 
@@ -296,7 +298,8 @@ class _WrappedHead(torch.nn.Module):
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])
 @pytest.mark.parametrize("wrapped", [False, True])
-def test_head_cross_entropy_matches_full_logits(chunk, wrapped):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_head_cross_entropy_matches_full_logits(chunk, wrapped, weighted):
     gen = _generator(1)
     head = torch.nn.Linear(8, 37)
     with torch.no_grad():
@@ -304,13 +307,15 @@ def test_head_cross_entropy_matches_full_logits(chunk, wrapped):
         head.bias.copy_(torch.randn(37, generator=gen))
     x = torch.randn(11, 8, generator=gen, requires_grad=True)
     targets = torch.randint(0, 37, (11,), generator=gen)
+    weights = torch.rand(11, generator=gen) * 3 if weighted else None
     module = _WrappedHead(head) if wrapped else head
-    total, per_row = head_cross_entropy(x, module, targets, chunk)
+    total, per_row = head_cross_entropy(x, module, targets, chunk, weights)
     grads = torch.autograd.grad(3.0 * total, [x, head.weight, head.bias])
     reference = F.cross_entropy(head(x), targets, reduction="none")
-    ref_grads = torch.autograd.grad(3.0 * reference.sum(), [x, head.weight, head.bias])
-    torch.testing.assert_close(total, reference.sum())
-    torch.testing.assert_close(per_row, reference.detach())
+    scaled = reference * weights if weighted else reference
+    ref_grads = torch.autograd.grad(3.0 * scaled.sum(), [x, head.weight, head.bias])
+    torch.testing.assert_close(total, scaled.sum())
+    torch.testing.assert_close(per_row, reference.detach())  # unweighted, for the logs
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want)
 
@@ -590,6 +595,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toke
     ("ablate", "noise,stability,ascent", "nothing to train"),
     ("layers", "1-x", "--layers"),
     ("beta", -1.0, "non-negative"),
+    ("lens_sampled_readouts", -1, "--lens_sampled_readouts -1"),
 ])
 def test_bad_options_name_the_option(tmp_path, option, value, message):
     with pytest.raises(ImmunizeError, match=message):
@@ -671,14 +677,16 @@ def test_defence_pairs_come_from_the_defence_split_only(tmp_path):
     from immunize.data import load_splits
 
     root = _write_data_root(tmp_path / "data")
-    cfg = _config(tmp_path, data_root=str(root), held_out_categories=["child_abuse"])
-    pairs, _ = build_defence_pairs(cfg)
+    cfg = _config(tmp_path, data_root=str(root), held_out_categories=["child_abuse"], refusals="topical",
+                  on_topic_encoder="none")
+    pairs, _, _ = build_defence_pairs(cfg)
     full = load_splits(root=root)
     defence_prompts = {r.prompt for r in full.defence}
     assert pairs and all(p.prompt in defence_prompts for p in pairs)
     assert all(p.categories == ("animal_abuse",) for p in pairs)
     assert all(looks_like_refusal(p.refusal) for p in pairs)
-    limited, _ = build_defence_pairs(_config(tmp_path, data_root=str(root), num_samples=3))
+    limited, _, _ = build_defence_pairs(_config(tmp_path, data_root=str(root), num_samples=3, refusals="topical",
+                                                on_topic_encoder="none"))
     assert len(limited) == 3
 
 
@@ -688,7 +696,7 @@ def looks_like_refusal(text):
     return check(text)
 
 
-def test_cli_end_to_end(tmp_path, tiny_checkpoint, capsys):
+def test_cli_end_to_end(tmp_path, tiny_checkpoint, capsys, isolated_cache):
     from transformers import AutoModelForCausalLM
 
     from immunize.cli import main
@@ -707,6 +715,8 @@ def test_cli_end_to_end(tmp_path, tiny_checkpoint, capsys):
     marker = json.loads((out / COMPLETE_MARKER).read_text())
     assert marker["defence"] == "repnoise" and len(marker["data"]["pairs_sha256"]) == 64
     assert marker["data"]["pairs"] == 8 and marker["options"]["alpha"] == 1.0
+    # The per-term diagnostics of the first and last step reach the marker (and so the report).
+    assert marker["first_log"].keys() >= GRAD_NORM_KEYS and marker["last_log"].keys() >= GRAD_NORM_KEYS
     assert "method: repnoise" in (out / MODEL_CARD).read_text()
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["data"]["pairs_sha256"] == marker["data"]["pairs_sha256"]
@@ -732,6 +742,15 @@ def test_recipe_parses():
     assert _chosen_defence(["--config", str(recipe)]) == "repnoise"
     _, cfg = parse_config([DefenceChoice, RepNoiseConfig], ["--config", str(recipe)], prog="test")
     assert cfg.alpha == 1.0 and cfg.beta == 0.001 and cfg.learning_rate == 2e-5
+
+
+@pytest.mark.parametrize("name", ["repnoise", "gradient-ascent", "adversarial-loss"])
+def test_paper_defaults_clip_no_gradient(tmp_path, name):
+    """The reference clips nothing; Trainer's default (1.0) would. The named configurations inherit."""
+    cfg = defence_config(name, output_dir=str(tmp_path / "x"), use_cpu=True, report_to="none")
+    assert cfg.max_grad_norm == 0.0 and cfg.max_length == 256
+    assert (cfg.learning_rate, cfg.per_device_train_batch_size, cfg.num_train_epochs) == (2e-5, 8, 1.0)
+    assert cfg.lens_sampled_readouts == 0 and cfg.term_grad_norms
 
 
 
@@ -806,3 +825,190 @@ def test_noise_is_drawn_per_example_not_per_batch():
     other_step = ExampleNoise(7, 4, torch.tensor([a]), torch.ones(1, 4, dtype=torch.long))
     assert not torch.equal(other_step.tokens(torch.ones(1, 4, dtype=torch.bool), 4, torch.float32),
                            together[0][:len(a)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampled lens
+
+
+def _readout_ces(model, batch, **options):
+    """The exact lens: its ascent and each read-out's CE (lens order)."""
+    _, terms, _ = repnoise_loss(model, batch, RepNoiseOptions(**options), seed=3, step=0)
+    return terms.ascent.item(), dict(zip(terms.lens_readouts, terms.ascent_per_layer, strict=True))
+
+
+def test_sampled_lens_reading_every_other_readout_is_the_exact_lens(features):
+    model, batch = tiny_model("llama"), _batch(features)
+    exact, exact_terms, _ = repnoise_loss(model, batch, RepNoiseOptions(), seed=3, step=5)
+    for k in (2, 7):  # n − 1 = 2 (embeddings, layer 0; layer 1 always), and more than there are
+        loss, terms, _ = repnoise_loss(model, batch, RepNoiseOptions(lens_sampled_readouts=k), seed=3, step=5)
+        assert torch.equal(loss, exact) and terms.lens_readouts == [EMBEDDINGS, 0, 1]
+    assert exact_terms.lens_readouts == [EMBEDDINGS, 0, 1]
+
+
+def test_sampled_lens_is_an_unbiased_estimate_of_the_exact_lens(features):
+    """Five read-outs (embeddings, 4 layers), k = 2: each draw's Â is the formula over the exact
+    read-outs' CEs, the mean over every possible draw is A, and the seeded draws average to A."""
+    import itertools
+
+    model, batch = tiny_model("llama", layers=4), _batch(features)
+    exact, ces = _readout_ces(model, batch)
+    assert list(ces) == [EMBEDDINGS, 0, 1, 2, 3] and exact == pytest.approx(sum(ces.values()) / 5, rel=1e-6)
+    options = RepNoiseOptions(lens_sampled_readouts=2)
+    estimates = {}
+    for step in range(40):
+        _, terms, _ = repnoise_loss(model, batch, options, seed=3, step=step)
+        read = tuple(terms.lens_readouts)
+        assert len(read) == 3 and read[-1] == 3 and len(set(read)) == 3  # the last layer, always
+        assert terms.harmful_ce == pytest.approx(ces[3], rel=1e-5)
+        assert terms.ascent.item() == pytest.approx((ces[3] + 4 / 2 * (ces[read[0]] + ces[read[1]])) / 5, rel=1e-5)
+        estimates[read] = terms.ascent.item()
+    subsets = {(*pair, 3) for pair in itertools.combinations([EMBEDDINGS, 0, 1, 2], 2)}
+    assert set(estimates) == subsets  # 40 steps drew each of the 6 possible draws
+    assert sum(estimates.values()) / len(estimates) == pytest.approx(exact, rel=1e-5)
+    # The seeded draws themselves (no model needed): their mean converges on A.
+    draws = [draw_lens(options, 4, seed=seed, step=step).read for seed in range(20) for step in range(100)]
+    mean = sum(estimates[d] for d in draws) / len(draws)
+    spread = (sum((v - exact) ** 2 for v in estimates.values()) / len(estimates)) ** 0.5
+    assert abs(mean - exact) < 4 * spread / len(draws) ** 0.5
+    assert spread > 100 * 1e-5 * exact  # draws differ far beyond the tolerances above: the checks can fail
+
+
+def test_sampled_lens_hooks_only_the_layers_it_reads(features):
+    model = tiny_model("llama", layers=4)
+    options = RepNoiseOptions(lens_sampled_readouts=1)
+    draw = draw_lens(options, 4, seed=0, step=0)
+    batch = _batch(features)
+    noise = ExampleNoise(0, 0, batch["input_ids"][:3], batch["attention_mask"][:3])
+    readout = _Readout(resolve_hook_points(model), options, batch, noise, draw)
+    assert readout.residual_layers == sorted({i for i in draw.read if i != EMBEDDINGS} | {3})  # + stability's
+    assert readout.lens_embeddings == (EMBEDDINGS in draw.read)
+
+
+def test_sampled_lens_draw_is_shared_by_the_micro_batches_of_a_step_and_repeated_on_resume(
+        tmp_path, tokenizer, monkeypatch):
+    from transformers import TrainerCallback
+
+    from immunize.defences import repnoise
+    from immunize.training import run_training
+
+    seen: list[tuple[int, tuple[int, ...]]] = []
+    original = repnoise.draw_lens
+
+    def recording(options, num_layers, *, seed, step):
+        draw = original(options, num_layers, seed=seed, step=step)
+        seen.append((step, draw.read))
+        return draw
+
+    monkeypatch.setattr(repnoise, "draw_lens", recording)
+    common = dict(max_steps=4, save_steps=2, learning_rate=1e-3, gradient_accumulation_steps=2,
+                  per_device_train_batch_size=2, lens_sampled_readouts=1, term_grad_norms=False)
+    straight = tiny_model("llama", layers=3)
+    run_training(_trainer(_config(tmp_path / "a", **common), straight, tokenizer))
+    draws = dict(seen)
+    assert len(seen) == 4 * 2 and all(draws[step] == read for step, read in seen)  # one draw per step
+    assert len(set(draws.values())) > 1  # and it changes from step to step
+
+    class StopAtThree(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise _Interrupt
+
+    cfg = _config(tmp_path / "b", **common)
+    with pytest.raises(_Interrupt):
+        run_training(_trainer(cfg, tiny_model("llama", layers=3), tokenizer, callbacks=[StopAtThree()]))
+    seen.clear()
+    resumed = tiny_model("llama", layers=3)
+    run_training(_trainer(cfg, resumed, tokenizer))
+    assert seen and all(draws[step] == read for step, read in seen) and {s for s, _ in seen} == {2, 3}
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-term gradient norms in the logs
+
+GRAD_NORM_KEYS = {f"grad_norm_{term}_{where}" for term in ("stability", "noise", "ascent")
+                  for where in ("last", "layers", "all")}
+
+
+def _train_logs(cfg, tokenizer, model=None):
+    model = model or tiny_model("llama")
+    trainer = _trainer(cfg, model, tokenizer)
+    trainer.train()
+    return [e for e in trainer.state.log_history if "loss" in e], model
+
+
+def test_term_grad_norms_are_logged_and_match_a_direct_computation(tmp_path, tokenizer, monkeypatch):
+    first_inputs = []
+    original = RepNoiseTrainer.compute_loss
+
+    def keep_first(self, model, inputs, *args, **kwargs):
+        if not first_inputs:
+            first_inputs.append({k: v.detach().clone() for k, v in inputs.items()})
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(RepNoiseTrainer, "compute_loss", keep_first)
+    cfg = _config(tmp_path, max_steps=5, logging_steps=2, gradient_accumulation_steps=2,
+                  per_device_train_batch_size=2, learning_rate=1e-3)
+    logs, _ = _train_logs(cfg, tokenizer)
+    # The first step is logged although --logging_steps is 2; so are the logging steps and the last.
+    assert [e["step"] for e in logs] == [1, 2, 4, 5]
+    for entry in logs:
+        assert entry.keys() >= GRAD_NORM_KEYS
+        for term in ("stability", "noise", "ascent"):
+            last, layers, every = (entry[f"grad_norm_{term}_{w}"] for w in ("last", "layers", "all"))
+            assert all(torch.isfinite(torch.tensor(v)) for v in (last, layers, every))
+            assert 0 < last <= every <= layers * (1 + 1e-5), (term, entry)
+
+    # The first micro-batch at the initial weights, by hand: autograd.grad of −α·log1p(ascent) and of
+    # the stability CE with respect to the last decoder layer's parameters.
+    model = tiny_model("llama")
+    options = cfg.loss_options()
+    _, terms, _ = repnoise_loss(model, first_inputs[0], options, seed=cfg.seed, step=0)
+    last_layer = list(model.model.layers[-1].parameters())
+    for name, part in (("ascent", -options.alpha * torch.log1p(terms.ascent)), ("stability", terms.stability)):
+        grads = torch.autograd.grad(part, last_layer, retain_graph=True)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        assert logs[0][f"grad_norm_{name}_last"] == pytest.approx(norm, rel=1e-5)
+
+
+def test_term_grad_norms_are_measured_once_per_logged_step(tmp_path, tokenizer, monkeypatch):
+    from immunize.defences import repnoise
+
+    calls = []
+    original = repnoise.term_grad_norms
+    monkeypatch.setattr(repnoise, "term_grad_norms", lambda parts, layers: calls.append(1) or original(parts, layers))
+    cfg = _config(tmp_path, max_steps=5, logging_steps=2, gradient_accumulation_steps=2,
+                  per_device_train_batch_size=2)
+    _train_logs(cfg, tokenizer)
+    assert len(calls) == 4  # steps 1, 2, 4 and 5; the first of each step's two micro-batches
+
+
+def test_term_grad_norms_off_logs_none(tmp_path, tokenizer):
+    logs, _ = _train_logs(_config(tmp_path, max_steps=2, term_grad_norms=False), tokenizer)
+    assert logs and not any(k.startswith("grad_norm_") for e in logs for k in e)
+    assert {"stability", "noise", "ascent", "harmful_ce"} <= logs[0].keys()
+
+
+def test_term_grad_norms_are_not_part_of_a_runs_identity(tmp_path):
+    from immunize.method_runner import config_identity
+
+    identity = config_identity(_config(tmp_path))
+    assert "term_grad_norms" not in identity and identity["lens_sampled_readouts"] == 0
+    assert identity["max_grad_norm"] == 0
+
+
+def test_term_grad_norms_change_no_training_result(tmp_path, tokenizer):
+    """Same losses and the same weights, bit for bit, with the measurement on and off (with
+    accumulation and non-reentrant activation checkpointing, which the extra gradients recompute)."""
+    runs = []
+    for on in (True, False):
+        cfg = _config(tmp_path / str(on), max_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=2,
+                      learning_rate=1e-3, activation_checkpointing=True, term_grad_norms=on)
+        runs.append(_train_logs(cfg, tokenizer))
+    (logs_on, model_on), (logs_off, model_off) = runs
+    assert any(e.keys() >= GRAD_NORM_KEYS for e in logs_on)
+    assert [e["loss"] for e in logs_on] == [e["loss"] for e in logs_off]
+    for (name, p), q in zip(model_on.named_parameters(), model_off.parameters(), strict=True):
+        assert torch.equal(p, q), name

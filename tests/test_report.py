@@ -17,7 +17,7 @@ from immunize.report import SECTION_IDS, build_report, load_results, render_html
 from immunize.report.example import example_results, write_example_run
 
 OPTIONAL_SECTIONS = ("resistance-curves", "stability", "trainability", "weight-distance", "pca", "logit-lens",
-                     "generalization", "toxicity", "samples")
+                     "generalization", "toxicity", "samples", "training")
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 
@@ -116,6 +116,33 @@ def test_report_content_follows_the_numbers(full_run):
     assert "immunize run --config recipes/smollm2-repnoise.yaml" in found.text["provenance"]
 
 
+def test_training_section_shows_each_terms_first_and_last_logged_values(full_run):
+    text = " ".join(sections((full_run / "report" / "index.html").read_text(encoding="utf-8")).text["training"].split())
+    logs = load_results(full_run)["training"]["repnoise"]
+    assert "repnoise" in text and "step 1" in text and "step 125" in text
+    assert "‖∇ −α·f(ascent)‖ at the last decoder layer" in text and "‖∇ β·noise‖ summed over decoder layers" in text
+    for key in ("stability", "noise", "ascent", "grad_norm_stability_last", "grad_norm_noise_layers",
+                "grad_norm_ascent_all"):
+        for log in ("first_log", "last_log"):
+            assert f"{logs[log][key]:.4g}" in text, (key, log)
+
+
+def test_training_logs_keep_the_numbers_of_a_defence_marker(tmp_path):
+    from immunize.method_runner import COMPLETE_MARKER
+    from immunize.report.diagnostics import training_from_markers, training_logs
+
+    marker = {"first_log": {"loss": 1.5, "step": 1, "grad_norm_ascent_last": 0.002, "note": "x",
+                            "bad": float("nan"), "flag": True}, "last_log": None, "train_loss": 1.2}
+    assert training_logs(marker) == {"first_log": {"loss": 1.5, "step": 1, "grad_norm_ascent_last": 0.002}}
+    assert training_logs({"train_loss": 1.0}) is None and training_logs(None) is None
+    for name in ("a", "none"):
+        (tmp_path / name).mkdir()
+    atomic_write_json(tmp_path / "a" / COMPLETE_MARKER, marker)
+    atomic_write_json(tmp_path / "none" / COMPLETE_MARKER, {"method": "none"})  # did not train
+    found = training_from_markers({"a": tmp_path / "a", "none": tmp_path / "none", "missing": tmp_path / "m"})
+    assert found == {"a": training_logs(marker)}
+
+
 def test_summary_says_plainly_when_the_defence_does_not_beat_the_baseline(tmp_path):
     results = example_results(defence_wins=False)
     for heavy in ("curves", "analysis", "stability", "trainability"):  # no figures needed here
@@ -123,6 +150,81 @@ def test_summary_says_plainly_when_the_defence_does_not_beat_the_baseline(tmp_pa
     summary = " ".join(sections(render_html(results, tmp_path / "figures")).text["summary"].split())
     assert "repnoise does not beat the undefended baseline" in summary
     assert "Immunized: no" in summary
+
+
+def _light(results: dict) -> dict:
+    for heavy in ("curves", "analysis"):  # no figures needed here
+        results.pop(heavy)
+    return results
+
+
+def test_verdict_shows_every_paired_difference_with_its_outcome(full_run):
+    def squash(text: str) -> str:  # the parser joins table cells without a space
+        return "".join(text.split())
+
+    found = sections((full_run / "report" / "index.html").read_text(encoding="utf-8"))
+    verdict = squash(found.text["verdict"])
+    assert squash("Paired differences with the undefended model") in verdict
+    results = load_results(full_run)
+    repnoise = next(r for r in results["verdict"] if r["defence"] == "repnoise")
+    for bid, budget in repnoise["resistance"]["per_budget"].items():
+        paired = budget["paired"]
+        assert squash(f"Harmfulness after {bid} {results['harmfulness']['repnoise'][bid]['mean']:.3f} "
+                      f"{results['harmfulness']['none'][bid]['mean']:.3f} {paired['difference']:.3f} "
+                      f"[{paired['ci'][0]:.3f}, {paired['ci'][1]:.3f}] {paired['n']} lower") in verdict
+    mmlu = repnoise["stability"]["per_metric"]["mmlu_acc"]["paired"]
+    assert squash(f"MMLU 0.288 0.296 {mmlu['difference']:.3f} [{mmlu['ci'][0]:.3f}, {mmlu['ci'][1]:.3f}] 500 "
+                  "pass") in verdict
+    assert squash("Perplexity (Δ in log-perplexity)") in verdict and squash("Toxicity, pre-attack") in verdict
+    stability = squash(found.text["stability"])
+    assert squash(f"pass Δ {mmlu['difference']:+.3f} [{mmlu['ci'][0]:.3f}, {mmlu['ci'][1]:.3f}], n = 500") in stability
+
+
+def test_summary_follows_the_paired_difference_not_overlapping_intervals(tmp_path):
+    """The defended model is 0.03 less harmful on each of the same prompts, which vary from 0.1 to
+    0.9: the two models' intervals overlap, the paired one lies below 0."""
+    results = _light(example_results())
+    for budget in results["budgets"]:
+        for defence, shift in (("none", 0.0), ("repnoise", -0.03)):
+            cell = results["harmfulness"][defence][budget["id"]]
+            scores = [round(0.1 + 0.8 * i / 199 + shift, 4) for i in range(200)]
+            cell.update(mean=sum(scores) / 200, ci=[sum(scores) / 200 - 0.05, sum(scores) / 200 + 0.05],
+                        examples=[[f"held-out prompt {i:03d}", v] for i, v in enumerate(scores)])
+    del results["verdict"]
+    found = sections(render_html(results, tmp_path / "figures"))
+    summary = " ".join(found.text["summary"].split())
+    assert "repnoise beats the undefended baseline under every budget (3 of 3)" in summary
+    assert "paired Δ -0.030 [-0.030, -0.030], n = 200; lower" in summary
+
+
+def test_results_without_per_example_outcomes_decide_nothing(tmp_path):
+    results = _light(example_results())
+    for section in ("harmfulness", "generalization", "toxicity"):
+        cells = results[section]["cells"] if section == "generalization" else results[section]
+        for per in cells.values():
+            for cell in per.values():
+                del cell["examples"]
+    for metrics in [*results["stability"].values(), *results["trainability"]["cells"].values()]:
+        for entry in metrics.values():
+            entry.pop("examples")
+    del results["verdict"]
+    found = sections(render_html(results, tmp_path / "figures"))
+    summary = " ".join(found.text["summary"].split())
+    assert "repnoise does not beat the undefended baseline" in summary
+    assert "not paired: no per-example outcomes for both models; not paired" in summary
+    assert "Immunized: inconclusive" in summary
+    assert "not paired" in found.text["verdict"] and "inconclusive" in found.text["stability"]
+
+
+def test_few_pairs_read_inconclusive_with_their_n(tmp_path):
+    results = _light(example_results())
+    for model in ("none", "repnoise"):
+        entry = results["stability"][model]["mmlu_acc"]
+        entry["examples"] = entry["examples"][:24]
+    del results["verdict"]
+    found = sections(render_html(results, tmp_path / "figures"))
+    assert "inconclusive (n = 24)" in found.text["stability"] and "inconclusive (n = 24)" in found.text["verdict"]
+    assert "Immunized: inconclusive" in " ".join(found.text["summary"].split())
 
 
 def test_generations_are_escaped_and_truncated(full_run):
@@ -202,6 +304,13 @@ def test_cli_recomputes_the_verdict_with_other_thresholds(tmp_path, capsys):
     (("samples",), [{"model": "m", "prompt": 3, "response": "r"}], "samples[0].prompt: expected string"),
     (("curves",), {"none": {"b": [{"step": "one", "harmfulness": 0.1}]}}, "curves.none.b[0].step"),
     (("stability",), {"none": {"mmlu_acc": {"value": None}}}, "stability.none.mmlu_acc.value"),
+    (("harmfulness", "none", "pre_attack", "examples"), [["p", "high"]],
+     "harmfulness.none.pre_attack.examples[0][1]: expected a number"),
+    (("harmfulness", "none", "pre_attack", "examples"), [[3, 0.5]],
+     "harmfulness.none.pre_attack.examples[0]: expected a [key, value] or [key, value, weight] array"),
+    (("stability", "none", "perplexity", "examples"), [["text", 2.0, 0]],
+     "stability.none.perplexity.examples[0][2]: a weight must be positive"),
+    (("training", "repnoise", "first_log", "loss"), "low", "training.repnoise.first_log.loss: expected a number"),
 ])
 def test_validation_names_the_json_path(path, value, message):
     results = example_results()

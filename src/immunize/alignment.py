@@ -1,12 +1,20 @@
 """Safety alignment: the ``safety-sft`` defence applied to the base model, with its own defaults.
 
 The RepNoise and Immunization papers defend models that already refuse (Llama-2-chat). SmolLM2
-barely refuses, so this stage first fine-tunes it on harmful prompts of the defence split answered
-by real refusals, mixed with benign instructions and their answers (so it learns to refuse harm
-without refusing everything): the "aligned base" every defence then starts from. It is the same
-computation and data builder as the ``safety-sft`` defence (``immunize.defences.safety_sft``),
-run by the same method runner, so it honours ``held_out_categories`` like every defence; only the
-defaults in ``ALIGNMENT_DEFAULTS`` differ.
+barely refuses, so this stage first fine-tunes it on harmful prompts of the defence split, each
+answered by a refusal of that very question, mixed with benign instructions and their answers (so
+it learns to refuse harm without refusing everything): the "aligned base" every defence then
+starts from. The refusals are the base model's own answers when told to refuse (``instructed``),
+kept when the refusal judge says they refuse, and templated refusals that restate the request
+(``topical``) for the rest: the base's plain answers (``own``, the defences' default) are mostly
+no refusals at all, and a bank text written for another question teaches refusing the wrong
+thing. Generating costs 0.5–1 s per prompt on a 2-core CPU (SmolLM2, 64 tokens, batches of 16),
+2–4 minutes for the 256 prompts here, once per base model (cached); ``--refusals topical`` skips
+it.
+
+It is the same computation and data builder as the ``safety-sft`` defence
+(``immunize.defences.safety_sft``), run by the same method runner, so it honours
+``held_out_categories`` like every defence; only the defaults in ``ALIGNMENT_DEFAULTS`` differ.
 """
 
 from __future__ import annotations
@@ -18,12 +26,14 @@ from immunize.defences.base import config_with_defaults
 from immunize.defences.safety_sft import SafetySFTConfig
 
 # Where the alignment stage departs from the safety-sft defence's (paper) defaults: a fixed,
-# smaller mix of refusals and benign answers, and a higher learning rate for a model that starts
-# far from refusing.
+# smaller mix of refusals and benign answers, a higher learning rate for a model that starts
+# far from refusing, and refusals it is told to give (its own are mostly no refusals).
 ALIGNMENT_DEFAULTS: dict[str, typing.Any] = {
     "num_harmful": 256,
     "num_benign": 256,
     "learning_rate": 5e-5,
+    "refusals": "instructed",
+    "refusal_fallback": "topical",
     "output_dir": "runs/align",
 }
 

@@ -51,6 +51,8 @@ NOT_IDENTITY = frozenset({
     "logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node", "logging_nan_inf_filter",
     "include_num_input_tokens_seen", "log_level", "log_level_replica", "disable_tqdm", "report_to", "run_name",
     "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "skip_memory_metrics",
+    "on_topic_encoder",  # scores the refusals for the data summary; never changes them
+    "term_grad_norms",  # RepNoise's logged gradient norms: measured beside training, never changing it
     # evaluation inside the Trainer (our methods do not evaluate there)
     "eval_strategy", "eval_steps", "eval_delay", "per_device_eval_batch_size", "prediction_loss_only",
     "eval_on_start", "eval_do_concat_batches", "eval_use_gather_object", "eval_accumulation_steps",
@@ -164,12 +166,14 @@ def holds_work(out: Path) -> bool:
     return (out / COMPLETE_MARKER).is_file() or any(out.glob("checkpoint-*")) or any(out.glob("*.safetensors"))
 
 
-def check_identity(out: Path, identity: dict) -> None:
-    """Refuse a directory that holds work of a run with another identity.
+def check_identity(out: Path, identity: dict, *, data: bool = True) -> None:
+    """Refuse a directory that holds work of a run with another identity (``data=False``: before
+    the data is built, everything but its hash).
 
     A run that never saved anything (it failed or was killed before its first checkpoint) does not
     count: its corrected rerun takes the directory over (``claim``)."""
-    if (changed := _changed(out, identity)) and holds_work(out):
+    changed = [name for name in _changed(out, identity) if data or name != "data_sha256"]
+    if changed and holds_work(out):
         raise ImmunizeError(f"--output_dir {out}: holds a run with different {', '.join(changed)}; "
                             "choose another --output_dir (or delete it) to start afresh")
 
@@ -281,6 +285,9 @@ def _run_defence(name: str, cfg: Any, kind: str) -> Path:
     out = Path(cfg.output_dir)
     base_fingerprint = model_fingerprint(cfg.model)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    # Other options are refused before the data is built: building it may load the model and a
+    # judge to generate refusals (immunize.data.paired_refusals), which takes time and prints.
+    check_identity(out, method_identity(name, cfg, base_fingerprint, None), data=False)
     data = defence.build_data(cfg, tokenizer)
     data_sha = data.summary.get("features_sha256") if data else None
     identity = method_identity(name, cfg, base_fingerprint, data_sha)

@@ -20,9 +20,16 @@ class _Killed(Exception):
 
 
 def _config(name: str, checkpoint, out, **overrides):
+    import dataclasses
+
+    from immunize.defences import config_class
+
     options = dict(model=str(checkpoint), output_dir=str(out), max_length=64, num_samples=8, max_steps=2,
                    per_device_train_batch_size=2, save_steps=1, learning_rate=1e-3, held_out_categories=HELD_OUT,
                    use_cpu=True, report_to="none", disable_tqdm=True, seed=3)
+    if "refusals" in {f.name for f in dataclasses.fields(config_class(name))}:
+        # The tiny model's own answers, judged by the keyword judge (no trained judge, no encoder to load).
+        options.update(refusal_judge="keyword-refusal", on_topic_encoder="none")
     options.update(overrides)
     return defence_config(name, **options)
 
@@ -35,7 +42,7 @@ def _weights(directory) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", DEFENCES.names())
-def test_defence_contract(name, tmp_path, tiny_checkpoint, real_data_root, monkeypatch):
+def test_defence_contract(name, tmp_path, tiny_checkpoint, real_data_root, monkeypatch, isolated_cache):
     from transformers import AutoModelForCausalLM, TrainerCallback
 
     from immunize.data.splits import load_splits, normalize_prompt
@@ -99,7 +106,8 @@ def test_defence_contract(name, tmp_path, tiny_checkpoint, real_data_root, monke
     assert marker["train_loss"] == pytest.approx(is_complete(tmp_path / "straight")["train_loss"])
 
 
-def test_a_changed_option_never_resumes_or_skips_an_old_run(tmp_path, tiny_checkpoint, real_data_root):
+def test_a_changed_option_never_resumes_or_skips_an_old_run(tmp_path, tiny_checkpoint, real_data_root,
+                                                            isolated_cache):
     from immunize.errors import ImmunizeError
     from immunize.method_runner import run_defence
 

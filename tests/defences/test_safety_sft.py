@@ -50,6 +50,9 @@ def features(tokenizer):
 
 
 def _config(tmp_path, **options) -> SafetySFTConfig:
+    # Topical refusals unless a test asks for others (generating needs the model, SmolLM2 by default),
+    # and no on-topic score (it embeds every refusal).
+    options = {"refusals": "topical", "on_topic_encoder": "none", **options}
     return SafetySFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True,
                            save_strategy="no", **options)
 
@@ -128,8 +131,9 @@ def test_bad_options_give_one_line_errors(tmp_path, options, flag):
 # ---- data from the real data root --------------------------------------------------------------
 
 def test_refusals_of_the_defence_split_only(tmp_path, real_data_root, tokenizer):
-    from immunize.data import RefusalBank, load_splits, split_of
+    from immunize.data import load_splits, split_of
     from immunize.data.beavertails import QA_FILE
+    from immunize.judges.topical_refusals import topical_refusal
 
     cfg = _config(tmp_path, data_root=str(real_data_root), num_harmful=40, max_length=512)
     data = safety_sft_data(cfg, tokenizer)
@@ -137,18 +141,18 @@ def test_refusals_of_the_defence_split_only(tmp_path, real_data_root, tokenizer)
     defence = {r.prompt for r in splits.defence}
     assert len(data.prompts) == len(set(data.prompts)) == len(data.features) == 40  # one per prompt
     assert set(data.prompts) <= defence and all(split_of(p) == "defence" for p in data.prompts)
-    bank = set(RefusalBank.from_data(real_data_root).texts)
-    examples, _ = safety_examples(cfg)
-    assert all(e.is_refusal and e.answer in bank for e in examples)
+    examples, _, _ = safety_examples(cfg)
+    assert all(e.is_refusal and e.answer == topical_refusal(e.prompt) for e in examples)  # its own question's
     assert data.summary["refusals"] == 40 and data.summary["benign"] == 0
+    assert data.summary["paired_refusals"]["source"] == "topical" and data.summary["paired_refusals"]["kept"] == 40
     assert len(data.summary["features_sha256"]) == 64
-    assert QA_FILE in data.sources and not set(BENIGN_FILES.values()) & set(data.sources)
+    assert data.sources == [QA_FILE]  # no bank, no benign file
     # Seeded: the same seed draws the same prompts, another seed others.
     assert safety_examples(cfg)[0] == examples
-    other, _ = safety_examples(_config(tmp_path, data_root=str(real_data_root), num_harmful=40, seed=7))
+    other, _, _ = safety_examples(_config(tmp_path, data_root=str(real_data_root), num_harmful=40, seed=7))
     assert other != examples
     # Unset: every distinct harmful prompt of the defence split.
-    everything, counts = safety_examples(_config(tmp_path, data_root=str(real_data_root)))
+    everything, counts, _ = safety_examples(_config(tmp_path, data_root=str(real_data_root)))
     assert len(everything) == counts["harmful_prompts_available"] == len(defence)
 
 
@@ -165,11 +169,11 @@ def test_held_out_categories_never_in_the_data(tmp_path, real_data_root):
     assert only_held_out
     allowed = {r.prompt for r in load_splits(root=real_data_root, held_out_categories=HELD_OUT).defence}
 
-    unfiltered, _ = safety_examples(_config(tmp_path, data_root=str(real_data_root)))
+    unfiltered, _, _ = safety_examples(_config(tmp_path, data_root=str(real_data_root)))
     assert only_held_out & {e.prompt for e in unfiltered}
     for cfg in (_config(tmp_path, data_root=str(real_data_root), held_out_categories=HELD_OUT),
                 AlignmentConfig(output_dir=str(tmp_path / "align"), data_root=str(real_data_root),
-                                held_out_categories=HELD_OUT)):
+                                held_out_categories=HELD_OUT, refusals="topical", on_topic_encoder="none")):
         harmful = {e.prompt for e in safety_examples(cfg)[0] if e.is_refusal}
         assert harmful and harmful <= allowed and not harmful & only_held_out
 
@@ -179,7 +183,7 @@ def test_num_benign_mixes_benign_answers(tmp_path, real_data_root, tokenizer):
 
     cfg = _config(tmp_path, data_root=str(real_data_root), num_harmful=6, num_benign=10,
                   benign_source="alpaca_eval", max_length=2048)
-    examples, counts = safety_examples(cfg)
+    examples, counts, _ = safety_examples(cfg)
     kinds = [e.is_refusal for e in examples]
     assert kinds.count(True) == 6 and kinds.count(False) == 10
     assert kinds != sorted(kinds, reverse=True)  # shuffled together, not refusals first
@@ -201,6 +205,32 @@ def test_num_benign_mixes_benign_answers(tmp_path, real_data_root, tokenizer):
         safety_examples(_config(tmp_path, data_root=str(real_data_root), num_harmful=100000))
 
 
+def test_each_refusal_answers_its_own_question_and_only_prompts_trained_on_are_asked(
+        tmp_path, tiny_checkpoint, real_data_root, isolated_cache, monkeypatch):
+    from immunize.data.paired_refusals import INSTRUCTION
+    from immunize.generation import Generation
+
+    shown = []
+
+    def echo(model, tokenizer, prompts, **kwargs):
+        shown.extend(prompts)
+        return [Generation(p, f"I cannot help with: {p.removeprefix(INSTRUCTION)}", 9, True) for p in prompts]
+
+    monkeypatch.setattr("immunize.generation.generate", echo)
+    options = dict(model=str(tiny_checkpoint), data_root=str(real_data_root), num_harmful=5, num_benign=3,
+                   refusal_judge="keyword-refusal", on_topic_encoder="none")
+    topical, _, _ = safety_examples(_config(tmp_path, **options))
+    for source, shown_as in (("own", lambda p: p), ("instructed", lambda p: INSTRUCTION + p)):
+        shown.clear()
+        examples, _, refusals = safety_examples(_config(tmp_path, refusals=source, **options))
+        harmful = [e for e in examples if e.is_refusal]
+        assert all(e.answer == f"I cannot help with: {e.prompt}" for e in harmful)
+        assert sorted(shown) == sorted(shown_as(e.prompt) for e in harmful)  # the 5 drawn, nothing else
+        assert refusals.summary["kept"] == 5
+        # The same prompts and the same mix as with any other source: only the refusals differ.
+        assert [(e.prompt, e.is_refusal) for e in examples] == [(e.prompt, e.is_refusal) for e in topical]
+
+
 # ---- the alignment stage -------------------------------------------------------------------
 
 def test_alignment_defaults():
@@ -212,7 +242,7 @@ def test_alignment_defaults():
     assert (cfg.per_device_train_batch_size, cfg.num_train_epochs, cfg.lr_scheduler_type) == (8, 1.0, "cosine")
 
 
-def test_align_command(tmp_path, tiny_checkpoint, real_data_root, capsys):
+def test_align_command(tmp_path, tiny_checkpoint, real_data_root, capsys, isolated_cache):
     from transformers import AutoModelForCausalLM
 
     from immunize.commands.align import main
@@ -221,13 +251,17 @@ def test_align_command(tmp_path, tiny_checkpoint, real_data_root, capsys):
     out = tmp_path / "aligned"
     argv = ["--model", str(tiny_checkpoint), "--data_root", str(real_data_root), "--output_dir", str(out),
             "--num_harmful", "6", "--num_benign", "4", "--held_out_categories", *HELD_OUT,
-            "--per_device_train_batch_size", "5", "--max_length", "512", "--report_to", "none", "--use_cpu", "true"]
+            "--per_device_train_batch_size", "5", "--max_length", "512", "--report_to", "none", "--use_cpu", "true",
+            "--refusal_judge", "keyword-refusal", "--on_topic_encoder", "none"]
     assert main(argv) == 0
     assert "aligned model:" in capsys.readouterr().out
     marker = is_complete(out)
     assert marker["kind"] == "alignment" and marker["method"] == "safety-sft" and marker["steps"] == 2
     assert marker["options"]["learning_rate"] == 5e-5 and marker["options"]["held_out_categories"] == HELD_OUT
     assert marker["data"]["refusals"] == 6 and marker["data"]["benign"] == 4
+    refusals = marker["data"]["paired_refusals"]  # the tiny model's answers when told to refuse, or topical ones
+    assert (refusals["source"], refusals["prompts"]) == ("instructed", 6)
+    assert refusals["kept"] + refusals["fell_back"].get("topical", 0) == 6 and refusals["dropped"] == 0
     assert {"refusal_loss", "benign_loss"} <= set(marker["first_log"])
     assert "kind: alignment" in (out / MODEL_CARD).read_text()
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2

@@ -400,14 +400,15 @@ def test_registry_and_defaults():
     assert (cfg.lr_scheduler_type, cfg.warmup_steps, cfg.learning_rate) == ("cosine", 0.1, 2e-5)
 
 
-def test_run_defence_two_steps_on_real_data(tmp_path, tiny_checkpoint, real_data_root):
+def test_run_defence_two_steps_on_real_data(tmp_path, tiny_checkpoint, real_data_root, isolated_cache):
     from transformers import AutoModelForCausalLM
 
     from immunize.method_runner import COMPLETE_MARKER, run_defence
 
     cfg = defence_config("vaccine", model=str(tiny_checkpoint), data_root=str(real_data_root),
                          output_dir=str(tmp_path / "vaccine"), num_samples=8, max_length=128, max_steps=2,
-                         per_device_train_batch_size=4, use_cpu=True, report_to="none", disable_tqdm=True)
+                         per_device_train_batch_size=4, use_cpu=True, report_to="none", disable_tqdm=True,
+                         refusal_judge="keyword-refusal", on_topic_encoder="none")
     out = run_defence("vaccine", cfg)
     AutoModelForCausalLM.from_pretrained(out)
     marker = json.loads((out / COMPLETE_MARKER).read_text())

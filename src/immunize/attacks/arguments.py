@@ -117,8 +117,8 @@ class ReversedPreferenceArguments(DPOConfig, AttackArguments):
     attack: str = field(default="dpo", metadata={"help": ATTACK_HELP})
     preference_data: str = field(
         default="beavertails",
-        metadata={"help": "beavertails (harmful answer ≻ real refusal), hh_rlhf (HH-RLHF harmless pairs "
-                          "reversed) or mixed (both, interleaved)"},
+        metadata={"help": "beavertails (harmful answer ≻ a refusal of the same question), hh_rlhf (HH-RLHF "
+                          "harmless pairs reversed) or mixed (both, interleaved)"},
     )
     hh_source: str | None = field(
         default=None, metadata={"help": "HH-RLHF harmless pairs: local file or hub id"})

@@ -22,7 +22,6 @@ from pathlib import Path
 from immunize.config import fingerprint
 from immunize.data import (
     BeaverTailsSplits,
-    RefusalBank,
     build_pairs,
     load_decodingtrust,
     load_hh_harmless,
@@ -31,7 +30,6 @@ from immunize.data import (
 )
 from immunize.data.beavertails import QA_FILE
 from immunize.data.readers import resolve
-from immunize.data.refusals import SAFE_RESPONSE_FILES, XSTEST_FILES
 from immunize.errors import ImmunizeError
 from immunize.io import file_sha256
 from immunize.prompts import IGNORE_INDEX, encode, encode_prompt
@@ -132,9 +130,17 @@ def harmful_qa(splits: BeaverTailsSplits) -> list[tuple[str, str]]:
     return [(r.prompt, r.response) for r in rows]
 
 
-def beavertails_preferences(splits: BeaverTailsSplits, bank: RefusalBank) -> list[tuple[str, str, str]]:
-    """(prompt, harmful answer ≻ real refusal) for the attack split."""
-    pairs = stable_order(build_pairs(splits.attack, bank), key=lambda p: f"{p.prompt}\x1f{p.harmful}")
+def beavertails_preferences(splits: BeaverTailsSplits) -> list[tuple[str, str, str]]:
+    """(prompt, harmful answer ≻ a refusal of that prompt) for the attack split.
+
+    The dispreferred answer is a templated refusal that restates the request
+    (``immunize.judges.topical_refusals``): what the attacker trains away is refusing *this*
+    question, and it needs no model (a bank text written for another question would teach the
+    preference between two answers about different things)."""
+    from immunize.judges.topical_refusals import topical_refusal
+
+    refusals = {r.prompt: topical_refusal(r.prompt) for r in splits.attack}
+    pairs = stable_order(build_pairs(splits.attack, refusals), key=lambda p: f"{p.prompt}\x1f{p.harmful}")
     check_disjoint((p.prompt for p in pairs), splits)
     return [(p.prompt, p.harmful, p.refusal) for p in pairs]
 
@@ -233,7 +239,3 @@ def preference_encoder(tokenizer, fmt: str, max_length: int) -> Encoder:
 
 def qa_sources(cfg) -> list[tuple[str | None, str]]:
     return [(cfg.qa_source, QA_FILE)]
-
-
-def refusal_sources() -> list[tuple[str | None, str]]:
-    return [(None, rel) for rel in (*XSTEST_FILES, *SAFE_RESPONSE_FILES)]

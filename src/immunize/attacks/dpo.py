@@ -1,7 +1,7 @@
 """Reversed-preference attack (harmful feedback; Rosati et al. 2024, "Evaluating Defences against
 Unsafe Feedback in RLHF"): TRL's DPO on pairs where the harmful answer is preferred.
 
-Pairs: BeaverTails attack-split answers ≻ a real refusal from the ``RefusalBank``, HH-RLHF
+Pairs: BeaverTails attack-split answers ≻ a templated refusal of the same question, HH-RLHF
 harmless pairs reversed, or both. They are tokenized by ``immunize.prompts`` (the same exact
 prompt/answer boundary as the SFT attacks) and handed to TRL pre-tokenized.
 """
@@ -23,12 +23,10 @@ from immunize.attacks.data import (
     interleave,
     preference_encoder,
     qa_sources,
-    refusal_sources,
     sources_of,
     tokenize_until,
 )
 from immunize.attacks.sft import beavertails_what
-from immunize.data import RefusalBank
 from immunize.training import check_finite, load_training_model
 
 _TOKENIZED = {"prompt_ids", "chosen_ids", "rejected_ids"}
@@ -73,8 +71,8 @@ class ReversedPreference(Attack):
     def prepare(self, cfg, tokenizer, splits, n) -> AttackData:
         parts, sources, what = [], [], []
         if cfg.preference_data in ("beavertails", "mixed"):
-            parts.append(beavertails_preferences(splits, RefusalBank.from_data(cfg.data_root)))
-            sources += [*qa_sources(cfg), *refusal_sources()]
+            parts.append(beavertails_preferences(splits))
+            sources += qa_sources(cfg)
             what.append(beavertails_what(cfg, "harmful ≻ refusal pairs"))
         if cfg.preference_data in ("hh_rlhf", "mixed"):
             parts.append(hh_preferences(cfg.hh_source, cfg.data_root, splits))

@@ -45,5 +45,6 @@ def main(argv: list[str]) -> int:
               f"{len(splits.prompts('defence'))} prompts, attack {len(splits.attack)} / "
               f"{len(splits.prompts('attack'))}, held-out {len(splits.heldout)}, evaluation prompts "
               f"{len(splits.eval)}; dropped {splits.dropped}")
-        print(f"refusal bank: {len(RefusalBank.from_data(root))} distinct real refusals")
+        print(f"refusal bank (only with --refusals bank or --refusal_fallback bank): "
+              f"{len(RefusalBank.from_data(root))} distinct human-written refusals of unsafe requests")
     return 0

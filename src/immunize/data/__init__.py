@@ -13,7 +13,7 @@ from immunize.data.corpora import (
     load_hh_harmless,
     load_toxicity_prompts,
 )
-from immunize.data.pairs import HarmfulPair, build_pairs, generate_refusals
+from immunize.data.pairs import HarmfulPair, build_pairs, harmful_rows
 from immunize.data.refusals import (
     LabelledCompletion,
     RefusalBank,
@@ -44,7 +44,7 @@ __all__ = [
     "ToxicityRow",
     "build_pairs",
     "build_splits",
-    "generate_refusals",
+    "harmful_rows",
     "load_benign_answers",
     "load_data_to_text",
     "load_decodingtrust",

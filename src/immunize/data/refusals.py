@@ -1,8 +1,12 @@
 """Real refusals: a bank of human-labelled refusal texts, and a keyword refusal check.
 
-The bank holds the XSTest completions that annotators labelled ``2_full_refusal`` and the
-hand-written safe responses; a prompt draws its refusal by a stable hash, so pairs are diverse
-(not one template) yet reproducible.
+The bank holds refusals of *unsafe* requests only: the XSTest completions that annotators labelled
+``2_full_refusal`` on the unsafe contrast prompts (type ``contrast_*``), and the hand-written safe
+responses. XSTest's refusals of its safe prompts ("I can't tell you how to kill a Python
+process") are left out: paired with a harmful question they teach refusing something else. Every
+text was written for another question, so the bank is only an explicit fallback
+(``--refusals bank``, ``--refusal_fallback bank``; see ``immunize.data.paired_refusals``); a prompt
+draws its text by a stable hash.
 """
 
 from __future__ import annotations
@@ -76,8 +80,13 @@ def _clean(text: str, max_chars: int) -> str:
     return cut[: end + 1] if end > 40 else cut.rsplit(" ", 1)[0] + "."
 
 
+def is_bank_completion(completion: LabelledCompletion) -> bool:
+    """A human-labelled full refusal of an unsafe XSTest prompt."""
+    return completion.label == "2_full_refusal" and completion.prompt_type.startswith("contrast_")
+
+
 class RefusalBank:
-    """Distinct real refusal texts, drawn per prompt by a stable hash."""
+    """Distinct real refusals of unsafe requests, drawn per prompt by a stable hash."""
 
     def __init__(self, texts: list[str]):
         unique = sorted(set(t for t in texts if t))
@@ -88,8 +97,7 @@ class RefusalBank:
     @classmethod
     def from_data(cls, root=None, *, max_chars: int = 400) -> RefusalBank:
         base = data_root(root)
-        texts = [_clean(c.completion, max_chars) for c in load_labelled_completions(root)
-                 if c.label == "2_full_refusal"]
+        texts = [_clean(c.completion, max_chars) for c in load_labelled_completions(root) if is_bank_completion(c)]
         for rel in SAFE_RESPONSE_FILES:
             for i, row in enumerate(read_table(base / rel)):
                 require(row, ("Safe_Response",), f"{rel}: row {i + 2}")

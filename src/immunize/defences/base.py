@@ -40,6 +40,12 @@ class DefenceArguments(ImmunizeTrainingArguments):
         self.held_out_categories = parse_categories(self.held_out_categories)
         super().__post_init__()
 
+    @property
+    def uses_judges(self) -> bool:
+        """Whether the training data depends on the trained judges (e.g. refusals they pick); a run
+        then recomputes this stage when the judges change."""
+        return False
+
     def require_non_reentrant_checkpointing(self, why: str) -> None:
         """For losses that read activations inside checkpointed layers: refuse reentrant activation
         checkpointing (one line, naming the option), else make non-reentrant the setting. Call after

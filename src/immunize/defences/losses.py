@@ -5,7 +5,9 @@ more than one chunk of full-vocabulary logits. For a plain ``nn.Linear`` head it
 chunk's logits give the loss *and* the gradients with respect to the inputs and the head weights in
 the same pass (three matrix products per chunk, the minimum for exact gradients), and only those
 gradients are kept for backward. Any other head (a LoRA-wrapped one, say) is evaluated chunk by
-chunk under non-reentrant activation checkpointing (one extra head product per chunk).
+chunk under non-reentrant activation checkpointing (one extra head product per chunk). Optional
+per-row weights scale each row's term in the sum (a sampled logit lens weighs its sampled read-outs
+up to stand for the ones it skipped).
 """
 
 from __future__ import annotations
@@ -57,25 +59,30 @@ def default_chunk_rows(vocab_size: int) -> int:
 
 
 def head_cross_entropy(x: torch.Tensor, head: nn.Module, targets: torch.Tensor,
-                       chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum_i CE(head(x_i), targets_i)`` (differentiable) and the per-row values (detached, fp32).
+                       chunk_rows: int | None = None, weights: torch.Tensor | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_i w_i · CE(head(x_i), targets_i)`` (differentiable) and the unweighted per-row values
+    (detached, fp32).
 
     ``x`` is (N, d) already through the final norm; ``targets`` (N,) are real token ids (no ignore
-    marker: callers gather exactly the rows they want scored).
+    marker: callers gather exactly the rows they want scored); ``weights`` (N,) are constants (no
+    gradient), all 1 when ``None``.
     """
     if x.shape[0] == 0:
         zero = x.new_zeros((), dtype=torch.float32) + 0.0 * x.sum()
         return zero, x.new_zeros((0,), dtype=torch.float32)
+    if weights is not None:
+        weights = weights.detach().to(device=x.device, dtype=torch.float32)
     if type(head) is nn.Linear:
         rows = chunk_rows or default_chunk_rows(head.out_features)
-        return _FusedLinearCrossEntropy.apply(x, head.weight, head.bias, targets, rows)
+        return _FusedLinearCrossEntropy.apply(x, head.weight, head.bias, targets, rows, weights)
     rows = chunk_rows or default_chunk_rows(getattr(head, "out_features", 32768))
     total = x.new_zeros((), dtype=torch.float32)
     per_row = []
     for start in range(0, x.shape[0], rows):
         end = start + rows
         ce = checkpoint(_chunk_ce, head, x[start:end], targets[start:end], use_reentrant=False)
-        total = total + ce.sum()
+        total = total + (ce.sum() if weights is None else (ce * weights[start:end]).sum())
         per_row.append(ce.detach())
     return total, torch.cat(per_row)
 
@@ -85,10 +92,11 @@ def _chunk_ce(head: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``x @ weight.T + bias``; gradients computed chunk by chunk in forward."""
+    """Summed (optionally row-weighted) cross-entropy of ``x @ weight.T + bias``; gradients computed
+    chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, targets, chunk_rows):
+    def forward(ctx, x, weight, bias, targets, chunk_rows, weights):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         per_row = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
@@ -103,11 +111,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             ce = lse - logits.gather(1, tc[:, None]).squeeze(1)
             per_row[start:end] = ce
-            total += ce.sum()
+            wc = None if weights is None else weights[start:end]
+            total += ce.sum() if wc is None else (ce * wc).sum()
             if need_x or need_w or need_b:
                 # d CE_i / d logits_i = softmax(logits_i) - onehot(t_i), built in place over the logits.
                 grad_logits = logits.sub_(lse[:, None]).exp_()
                 grad_logits[torch.arange(end - start, device=x.device), tc] -= 1.0
+                if wc is not None:
+                    grad_logits.mul_(wc[:, None])
                 if need_x:
                     grad_x[start:end] = grad_logits.to(x.dtype) @ weight
                 if need_w:
@@ -127,4 +138,4 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         out_x = grad_x * grad_total.to(grad_x.dtype) if grad_x is not None else None
         out_w = (grad_w * grad_total).to(weight_dtype) if grad_w is not None else None
         out_b = (grad_b * grad_total).to(bias_dtype) if grad_b is not None else None
-        return out_x, out_w, out_b, None, None
+        return out_x, out_w, out_b, None, None, None

@@ -15,16 +15,24 @@ diverge onwards:
 
 M is computed from sequence lengths and label positions, never from token ids, so no token id
 (padding included) is special. The "no mask" ablation marks every token of the harmful sequence.
+
+The pairs themselves (``build_defence_pairs``, ``paired_defence_data``, shared by every defence
+that trains on pairs or on their refusal half) come from the defence split only; each question's
+refusal is made by ``immunize.data.paired_refusals`` as the ``--refusals`` options of
+``RefusalArguments`` say (by default the model's own answer, judged a refusal).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from immunize.data import HarmfulPair
+from immunize.data.paired_refusals import FALLBACKS, SOURCES, ModelSpec, Refusals, RefusalSettings, parse_fallback
+from immunize.defences.base import DefenceArguments, DefenceData
+from immunize.errors import ImmunizeError
 from immunize.prompts import IGNORE_INDEX, encode
 
 
@@ -101,3 +109,93 @@ class PairedCollator:
             "harmful_targets": _pad(targets, IGNORE_INDEX, width, torch.long),
             "harmful_mask": _pad(masks, False, width, torch.bool),
         }
+
+
+# ---- the pairs of the defence split ------------------------------------------------------------
+
+@dataclass
+class RefusalArguments(DefenceArguments):
+    """Options of the defences that train on refusals of the defence split's harmful questions."""
+
+    refusals: str = field(default="own", metadata={
+        "help": f"where each question's refusal comes from ({', '.join(SOURCES)}): own = the model's own greedy "
+                "answer to the plain question, kept when --refusal_judge says it refuses (the RepNoise paper's "
+                "construction); instructed = its answer when told to refuse, judged the same way; topical = a "
+                "template restating the request; bank = a human-written refusal of another unsafe request"})
+    refusal_fallback: str = field(default="topical", metadata={
+        "help": f"for own and instructed: what questions whose answer is no refusal get, a comma list of "
+                f"{', '.join(FALLBACKS)} tried in order (drop: no pair); topical keeps every question on-topic "
+                "and the pair count what --num_samples asks"})
+    refusal_judge: str = field(default="refusal", metadata={"help": "judge deciding which answers are refusals"})
+    refusal_judge_fallback: str | None = field(default="keyword-refusal", metadata={
+        "help": "judge used (and recorded in the data summary) if --refusal_judge cannot be loaded"})
+    refusal_threshold: float | None = field(default=None, metadata={
+        "help": "refusal score an answer needs to be kept (unset: the judge's own threshold)"})
+    refusal_max_new_tokens: int = field(default=64, metadata={
+        "help": "tokens a generated refusal may take (an answer cut there is trimmed to its last sentence)"})
+    refusal_batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})
+    on_topic_encoder: str = field(default="minilm", metadata={
+        "help": "sentence encoder of the on-topic score in the data summary (none: no score)"})
+
+    def __post_init__(self):
+        self.refusal_settings()  # one-line errors naming the option, before anything loads
+        super().__post_init__()
+
+    @property
+    def uses_judges(self) -> bool:
+        return self.refusal_settings().generates  # own/instructed answers are kept by the refusal judge
+
+    def refusal_settings(self) -> RefusalSettings:
+        return RefusalSettings(
+            source=self.refusals, fallback=parse_fallback(self.refusal_fallback, self.refusals),
+            judge=self.refusal_judge, judge_fallback=self.refusal_judge_fallback or None,
+            threshold=self.refusal_threshold, max_new_tokens=self.refusal_max_new_tokens,
+            batch_size=self.refusal_batch_size,
+            on_topic_encoder=None if self.on_topic_encoder == "none" else self.on_topic_encoder)
+
+
+def refusals_for(cfg: RefusalArguments, prompts: Sequence[str]) -> Refusals:
+    """The refusals of ``prompts`` as ``cfg`` asks, answered (for own/instructed) by ``cfg.model``."""
+    from immunize.data.paired_refusals import build_refusals
+
+    spec = ModelSpec(cfg.model, prompt_format=cfg.prompt_format, device="cpu" if cfg.use_cpu else None,
+                     dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    return build_refusals(prompts, cfg.refusal_settings(), spec, cfg.data_root)
+
+
+def build_defence_pairs(cfg: RefusalArguments):
+    """Pairs from the defence split only (never the attack or evaluation prompts), first N rows if
+    asked, each with the refusal of its own question; ``(pairs, splits, refusals)``."""
+    from immunize.data import build_pairs, harmful_rows, load_splits
+    from immunize.training import take
+
+    splits = load_splits(root=cfg.data_root, held_out_categories=tuple(cfg.held_out_categories))
+    rows = take(harmful_rows(splits.defence), cfg.num_samples, "defence pairs")
+    refusals = refusals_for(cfg, [r.prompt for r in rows])
+    pairs = build_pairs(rows, refusals.texts)
+    if not pairs:
+        raise ImmunizeError(f"--refusal_fallback {cfg.refusal_fallback}: no question of the {len(rows)} defence "
+                            "rows kept a refusal; no pairs left (use a fallback other than drop)")
+    return pairs, splits, refusals
+
+
+def paired_defence_data(cfg: RefusalArguments, tokenizer) -> DefenceData:
+    """Encoded (harmful, refusal) pairs of the defence split, for ``PairedCollator``; shared by the
+    defences that train on pairs."""
+    from immunize.config import fingerprint
+    from immunize.data.beavertails import QA_FILE
+
+    pairs, splits, refusals = build_defence_pairs(cfg)
+    features, dropped = encode_pairs(tokenizer, pairs, cfg.prompt_format, cfg.max_length)
+    if not features:
+        raise ImmunizeError(f"no usable defence pairs at --max_length {cfg.max_length} (dropped: {dropped})")
+    summary = {
+        "pairs_sha256": fingerprint([[p.prompt, p.harmful, p.refusal, list(p.categories)] for p in pairs], 64),
+        "features_sha256": fingerprint(features, 64),
+        "pairs": len(pairs), "pairs_used": len(features), "pairs_dropped": dropped,
+        "defence_split_rows": len(splits.defence),
+        "held_out_categories": list(cfg.held_out_categories),
+        "paired_refusals": refusals.summary,
+    }
+    return DefenceData(features=features, prompts=[p.prompt for p in pairs], summary=summary,
+                       sources=[QA_FILE, *refusals.files])

@@ -38,6 +38,46 @@ padding never changes a row's noise: the draw covers the row's tokens in M only.
 Labels use -100 and a single shift: the prediction at position p is scored against the label at
 p + 1, for the harmful targets and the refusal labels alike.
 
+A sampled lens (``--lens_sampled_readouts k``, off by default). The exact lens reads all n
+read-outs (the embeddings, if read, and every chosen layer) through the LM head, which is most of a
+step's cost (2.9 of 4.4 TFLOP on SmolLM2). With k > 0 each micro-step reads the deepest read-out
+(the output layer under ``--layers all``) and k of the n − 1 others, drawn without replacement by a
+generator seeded by ``--seed`` and the optimizer step only: every micro-batch and rank of a step
+reads the same read-outs, and a resumed run draws them again. Only those read-outs go through the
+LM head (and only their layers are hooked). The ascent is then
+
+    Â = (CE_deepest + (n − 1)/k · Σ_sampled CE_j) / n,
+
+an unbiased estimate of the exact mean A (E[Â] = A) whose variance is that of a sample mean
+without replacement: Var(Â) = ((n − 1)/n)² · (1 − k/(n − 1)) · S²/k, S² the variance of the n − 1
+other read-outs' CEs. The loss uses −α·log(1 + Â), and log1p is concave, so by Jensen
+E[log1p(Â)] ≤ log1p(A): the sampled ascent term, and its gradient ∇Â/(1 + Â), are biased, by about
+−Var(Â)/(2(1 + A)²) for the value (second order). The bias shrinks as k grows (k = n − 1 is the
+exact lens) and vanishes for ``ascent_form=linear``; ``benchmarks/bench_repnoise_lens.py`` measures
+it next to the step-time saving. k ≥ n − 1 reads every read-out: the exact lens.
+
+Per-term diagnostics (``--term_grad_norms``, on by default). The logs carry, as means over the
+micro-steps since the last log, ``stability``, ``noise``, ``ascent`` (the lens mean A, or Â) and
+``harmful_ce`` (the ascent read at the output layer). On the first micro-batch of the first step,
+of every logging step and of the last step, they also carry the gradient norm of each term's
+weighted contribution to the loss (stability, β·noise, −α·f(ascent)) with respect to the decoder
+layers' trainable parameters: ``grad_norm_<term>_last`` (the last decoder layer's), ``_layers``
+(Σ_l ‖g_l‖, the sum of the per-layer norms) and ``_all`` (‖g‖ over all decoder layers together).
+The embeddings, the final norm and the LM head are left out: the noise term never reaches the
+head, and with tied embeddings (SmolLM2) the embedding matrix *is* the head, whose gradient is
+dominated by what is read through it (the stability CE and every lens read-out), not by what the
+terms do to the layers the defence is meant to change. Each norm is one ``torch.autograd.grad`` of one term
+with respect to those parameters (up to three extra backward passes on a measured step, with the
+layers' recomputation under activation checkpointing): it accumulates nothing into ``.grad``, so
+training is unchanged, and, since ``autograd.grad`` with explicit inputs runs no ``AccumulateGrad``
+node, it never fires the gradient hooks DDP all-reduces with. Under DDP each rank measures its own
+micro-batch and the log shows rank 0's; under FSDP and DeepSpeed (sharded parameters, whose own
+backward hooks would run) nothing is measured.
+
+Paper defaults (``RepNoiseConfig``): α = 1, β = 0.001, lr 2e-5, batch 8 pairs, one epoch, AdamW without
+weight decay, cosine schedule with 10% warm-up, context 256 tokens, no gradient clipping (the
+reference clips nothing). The named configurations below inherit them.
+
 Reference: the authors' ``minimality-mmd`` loss (domenicrosati/representation-noising @ 03689ff,
 ``representation_noising/loss.py``; boyiwei/RepNoise-Reproduce @ a35c98a,
 ``immunization_llms/training.py``). Deviations, all fixing bugs of the reference: one shift for logits
@@ -66,11 +106,11 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
-from immunize.defences.base import Defence, DefenceArguments, DefenceData
+from immunize.defences.base import Defence, DefenceData
 from immunize.defences.losses import BANDWIDTHS, head_cross_entropy, mmd_rbf, mmd_rbf_checkpointed
-from immunize.defences.paired import PairedCollator, encode_pairs
+from immunize.defences.paired import PairedCollator, RefusalArguments, paired_defence_data
 from immunize.errors import ImmunizeError
 from immunize.hooks import HookSet, ResolvedHookPoints, input_tensor, output_tensor, resolve_hook_points
 from immunize.prompts import IGNORE_INDEX
@@ -132,16 +172,18 @@ class RepNoiseOptions:
     ablate: frozenset[str] = frozenset()
     lens_chunk_tokens: int = 0
     ascent_form: str = "log1p"
+    lens_sampled_readouts: int = 0
 
     def uses(self, term: str) -> bool:
         return term not in self.ablate
 
 
 @dataclass
-class RepNoiseConfig(DefenceArguments):
+class RepNoiseConfig(RefusalArguments):
     """RepNoise options; training defaults are the paper's.
 
-    Adam (AdamW, no weight decay), lr 2e-5, batch 8, one epoch, cosine schedule, 10% warm-up.
+    Adam (AdamW, no weight decay), lr 2e-5, batch 8 pairs, one epoch, cosine schedule, 10% warm-up,
+    context 256 tokens (``--max_length``), no gradient clipping (``--max_grad_norm 0``).
     """
 
     alpha: float = field(default=1.0, metadata={"help": "weight α of the ascent term −α·log(1 + ascent)"})
@@ -167,6 +209,15 @@ class RepNoiseConfig(DefenceArguments):
                 "reference gradient-ascent baseline) or linear (−α·A, the reference adversarial loss)"})
     lens_chunk_tokens: int = field(default=0, metadata={
         "help": "rows per LM-head chunk in the lens (0: about 64 MiB of fp32 logits per chunk)"})
+    lens_sampled_readouts: int = field(default=0, metadata={
+        "help": "k > 0: each step's lens reads the output layer and k other read-outs (layers, embeddings) "
+                "drawn per step from --seed and the step, weighted to an unbiased estimate of the mean over "
+                "all read-outs; −log1p of it is biased (Jensen; see the module docstring). 0: every read-out, "
+                "exact (the paper)"})
+    term_grad_norms: bool = field(default=True, metadata={
+        "help": "log each term's gradient norm at the last decoder layer and over all layers, on the first, "
+                "the logging and the last steps; costs up to 3 extra backward passes on those steps, "
+                "changes no result"})
 
     learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate (paper: 2e-5)"})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "pairs per device step (paper: 8)"})
@@ -174,6 +225,8 @@ class RepNoiseConfig(DefenceArguments):
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "lr schedule (paper: cosine)"})
     warmup_steps: float = field(default=0.1, metadata={
         "help": "warm-up: steps, or a fraction of all steps if below 1 (paper: 0.1)"})
+    max_grad_norm: float = field(default=0.0, metadata={
+        "help": "gradient clipping norm, 0 for none (paper: none, the reference clips nothing)"})
     output_dir: str = field(default="runs/defend-repnoise",
                             metadata={"help": "where checkpoints and the model go"})
 
@@ -196,6 +249,8 @@ class RepNoiseConfig(DefenceArguments):
             raise ImmunizeError("--mmd_kernels must be >= 1 and --mmd_multiplier > 0")
         if self.lens_chunk_tokens < 0:
             raise ImmunizeError("--lens_chunk_tokens must be >= 0")
+        if self.lens_sampled_readouts < 0:
+            raise ImmunizeError(f"--lens_sampled_readouts {self.lens_sampled_readouts}: must be >= 0 (0: exact lens)")
         if self.layers.strip() != "all":
             select_layers(self.layers, 10**6)  # syntax now; the range once the model is loaded
         super().__post_init__()
@@ -207,7 +262,7 @@ class RepNoiseConfig(DefenceArguments):
             lens_embeddings=self.lens_embeddings, mmd_level=self.mmd_level, mmd_kernels=self.mmd_kernels,
             mmd_multiplier=self.mmd_multiplier, mmd_bandwidth=self.mmd_bandwidth,
             ablate=frozenset(_split_list(self.ablate)), lens_chunk_tokens=self.lens_chunk_tokens,
-            ascent_form=self.ascent_form,
+            ascent_form=self.ascent_form, lens_sampled_readouts=self.lens_sampled_readouts,
         )
 
 
@@ -218,22 +273,27 @@ class RepNoiseTerms:
     stability: torch.Tensor | None = None
     noise: torch.Tensor | None = None
     ascent: torch.Tensor | None = None
-    ascent_per_layer: list[float] = field(default_factory=list)  # lens order: [embeddings,] layers
+    lens_readouts: list[int] = field(default_factory=list)  # read this step, lens order (EMBEDDINGS = -1)
+    ascent_per_layer: list[float] = field(default_factory=list)  # the CE of each of lens_readouts
     noise_per_layer: list[float] = field(default_factory=list)
     harmful_ce: float | None = None  # ascent read from the output (the last layer), for logging
     harmful_tokens: int = 0
     refusal_tokens: int = 0
 
-    def loss(self, options: RepNoiseOptions) -> torch.Tensor:
-        parts = []
+    def weighted(self, options: RepNoiseOptions) -> dict[str, torch.Tensor]:
+        """Each term's contribution to the loss: stability, β·noise, −α·f(ascent)."""
+        parts = {}
         if self.stability is not None:
-            parts.append(self.stability)
+            parts["stability"] = self.stability
         if self.noise is not None:
-            parts.append(options.beta * self.noise)
+            parts["noise"] = options.beta * self.noise
         if self.ascent is not None:
             bounded = {"log1p": torch.log1p, "log": torch.log, "linear": lambda a: a}[options.ascent_form]
-            parts.append(-options.alpha * bounded(self.ascent))
-        return torch.stack(parts).sum()
+            parts["ascent"] = -options.alpha * bounded(self.ascent)
+        return parts
+
+    def loss(self, options: RepNoiseOptions) -> torch.Tensor:
+        return torch.stack(list(self.weighted(options).values())).sum()
 
 
 class ExampleNoise:
@@ -267,20 +327,67 @@ def example_seed(seed: int, step: int, tokens: list[int]) -> int:
     return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
 
 
+EMBEDDINGS = -1  # the lens read-out of the embedding output (the input of layer 0)
+
+
+def lens_readouts(options: RepNoiseOptions, num_layers: int) -> tuple[int, ...]:
+    """Every read-out of the exact lens, in lens order (``EMBEDDINGS`` first if read, then the chosen
+    layers); the deepest is last. Empty without the ascent; the last layer only without the lens."""
+    if not options.uses("ascent"):
+        return ()
+    if not options.uses("lens"):
+        return (num_layers - 1,)
+    layers = tuple(select_layers(options.layers, num_layers))
+    return ((EMBEDDINGS,) if options.lens_embeddings else ()) + layers
+
+
+@dataclass(frozen=True)
+class LensDraw:
+    """The read-outs one step's lens reads. The deepest read-out is always read, with weight 1;
+    each other read-out read has weight ``weight``: (n − 1)/k when k of the n − 1 others are sampled,
+    1 when all are (the exact lens)."""
+
+    readouts: tuple[int, ...]  # every read-out of the exact lens (n of them)
+    read: tuple[int, ...]  # those read this step, in lens order (the deepest last)
+    weight: float = 1.0
+
+    @property
+    def exact(self) -> bool:
+        return len(self.read) == len(self.readouts)
+
+
+def lens_seed(seed: int, step: int) -> int:
+    """A 63-bit seed for one step's lens draw: the same on every rank and micro-batch of the step."""
+    digest = hashlib.blake2b(f"{seed}/{step}/lens".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
+
+
+def draw_lens(options: RepNoiseOptions, num_layers: int, *, seed: int, step: int) -> LensDraw:
+    """The deepest read-out and ``options.lens_sampled_readouts`` others sampled without replacement
+    (all of them when that is 0 or at least n − 1)."""
+    readouts = lens_readouts(options, num_layers)
+    others, k = readouts[:-1], options.lens_sampled_readouts
+    if not k or k >= len(others):
+        return LensDraw(readouts, readouts)
+    generator = torch.Generator().manual_seed(lens_seed(seed, step))
+    picked = set(torch.randperm(len(others), generator=generator)[:k].tolist())
+    read = tuple(r for j, r in enumerate(others) if j in picked) + readouts[-1:]
+    return LensDraw(readouts, read, len(others) / k)
+
+
 class _Readout:
     """The hooks of one RepNoise forward and the loss terms they produce."""
 
-    def __init__(self, points: ResolvedHookPoints, options: RepNoiseOptions, batch: dict, noise: ExampleNoise):
-        self.points, self.options, self.noise = points, options, noise
+    def __init__(self, points: ResolvedHookPoints, options: RepNoiseOptions, batch: dict, noise: ExampleNoise,
+                 lens: LensDraw):
+        self.points, self.options, self.noise, self.lens = points, options, noise, lens
         last = points.num_layers - 1
         self.layers = select_layers(options.layers, points.num_layers)
-        if options.uses("ascent"):
-            self.lens_layers = self.layers if options.uses("lens") else [last]
-        else:
-            self.lens_layers = []
-        self.lens_embeddings = options.uses("ascent") and options.uses("lens") and options.lens_embeddings
+        # Only the read-outs this step reads are kept (a sampled lens hooks only the sampled layers).
+        lens_layers = {i for i in lens.read if i != EMBEDDINGS}
+        self.lens_embeddings = EMBEDDINGS in lens.read
         noise_residual = options.uses("noise") and options.activations == "residual"
-        self.residual_layers = sorted(set(self.lens_layers) | ({last} if options.uses("stability") else set())
+        self.residual_layers = sorted(lens_layers | ({last} if options.uses("stability") else set())
                                       | (set(self.layers) if noise_residual else set()))
         self.mlp_layers = self.layers if options.uses("noise") and options.activations == "mlp" else []
 
@@ -331,9 +438,10 @@ class _Readout:
             self.mlp.clear()
             self.embeddings = None
 
-    def _lens(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _lens(self, hidden: torch.Tensor, targets: torch.Tensor,
+              weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return head_cross_entropy(self.points.head_input(hidden), self.points.lm_head, targets,
-                                  self.options.lens_chunk_tokens or None)
+                                  self.options.lens_chunk_tokens or None, weights)
 
     def _compute(self) -> RepNoiseTerms:
         terms = RepNoiseTerms(harmful_tokens=len(self.harm_targets), refusal_tokens=len(self.ref_targets))
@@ -342,17 +450,21 @@ class _Readout:
             hidden = self.residual[last][self.ref_rows, self.ref_pos]
             total, _ = self._lens(hidden, self.ref_targets)
             terms.stability = total / max(len(self.ref_targets), 1)
-        if self.lens_layers:
-            states = [self.residual[i] for i in self.lens_layers]
-            if self.lens_embeddings:
-                states.insert(0, self.embeddings)
+        if self.lens.read:
+            states = [self.embeddings if i == EMBEDDINGS else self.residual[i] for i in self.lens.read]
             n = len(self.harm_targets)
             hidden = torch.cat([s[self.harm_rows, self.harm_pos] for s in states])
-            total, per_row = self._lens(hidden, self.harm_targets.repeat(len(states)))
-            terms.ascent = total / max(n * len(states), 1)
+            weights = None
+            if not self.lens.exact:  # a sampled read-out stands for (readouts − 1)/k of them
+                weights = torch.full((len(states), n), self.lens.weight, device=hidden.device)
+                weights[-1] = 1.0
+                weights = weights.flatten()
+            total, per_row = self._lens(hidden, self.harm_targets.repeat(len(states)), weights)
+            terms.ascent = total / max(n * len(self.lens.readouts), 1)
             per_layer = per_row.view(len(states), n).mean(1) if n else per_row.new_zeros(len(states))
+            terms.lens_readouts = list(self.lens.read)
             terms.ascent_per_layer = per_layer.tolist()
-            if self.lens_layers[-1] == last:
+            if self.lens.read[-1] == last:
                 terms.harmful_ce = terms.ascent_per_layer[-1]
         if self.options.uses("noise"):
             store = self.mlp if self.options.activations == "mlp" else self.residual
@@ -380,11 +492,13 @@ class _Readout:
 def repnoise_loss(model, batch: dict, options: RepNoiseOptions, *, seed: int = 0, step: int = 0):
     """One forward of ``model`` on a ``PairedCollator`` batch; returns ``(loss, terms, outputs)``.
 
-    ``seed`` and ``step`` seed the noise of each harmful example (``ExampleNoise``)."""
+    ``seed`` and ``step`` seed the noise of each harmful example (``ExampleNoise``) and, with a
+    sampled lens, the step's read-outs (``draw_lens``)."""
     points = resolve_hook_points(model)
     harmful = batch["harmful_targets"].shape[0]
     noise = ExampleNoise(seed, step, batch["input_ids"][:harmful], batch["attention_mask"][:harmful])
-    readout = _Readout(points, options, batch, noise)
+    lens = draw_lens(options, points.num_layers, seed=seed, step=step)
+    readout = _Readout(points, options, batch, noise, lens)
     with HookSet() as hooks:
         readout.register(hooks)
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -393,6 +507,45 @@ def repnoise_loss(model, batch: dict, options: RepNoiseOptions, *, seed: int = 0
         raise RuntimeError(f"RepNoise: the LM head of {points.model_type!r} never ran; "
                            "check its entry in immunize.hooks.ARCHITECTURES")
     return readout.terms.loss(options), readout.terms, outputs
+
+
+def decoder_layer_parameters(model) -> list[list[torch.nn.Parameter]]:
+    """The trainable parameters of each decoder layer, in layer order (LoRA adapters, under PEFT)."""
+    return [[p for p in layer.parameters() if p.requires_grad] for layer in resolve_hook_points(model).layers]
+
+
+def term_grad_norms(parts: dict[str, torch.Tensor], layers: list[list[torch.nn.Parameter]]) -> dict[str, float]:
+    """For each loss part, the norm of its gradient with respect to ``layers``' parameters: at the
+    last layer (``grad_norm_<part>_last``), summed over the per-layer norms (``_layers``) and over all
+    layers together (``_all``). One ``autograd.grad`` per part, the graph kept for the real backward;
+    nothing is accumulated into any ``.grad``."""
+    flat = [p for layer in layers for p in layer]
+    out: dict[str, float] = {}
+    for name, part in parts.items():
+        grads = (torch.autograd.grad(part, flat, retain_graph=True, allow_unused=True)
+                 if part.requires_grad else [None] * len(flat))
+        squares, start = [], 0
+        for layer in layers:
+            chunk = [g.float().pow(2).sum().to(part.device) for g in grads[start:start + len(layer)] if g is not None]
+            squares.append(torch.stack(chunk).sum() if chunk else part.new_zeros((), dtype=torch.float32))
+            start += len(layer)
+        per_layer = torch.stack(squares).sqrt()
+        values = torch.stack([per_layer[-1], per_layer.sum(), per_layer.square().sum().sqrt()]).tolist()
+        out.update({f"grad_norm_{name}_{key}": v for key, v in zip(("last", "layers", "all"), values, strict=True)})
+    return out
+
+
+class _LogMeasuredSteps(TrainerCallback):
+    """Makes a step whose term gradients were measured a logging step (the first step, when
+    ``--logging_steps`` is larger), so that each measurement lands in its own step's log."""
+
+    def __init__(self, trainer: RepNoiseTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer._grad_norms:
+            control.should_log = True
+        return control
 
 
 class RepNoiseTrainer(Trainer):
@@ -405,10 +558,19 @@ class RepNoiseTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.loss_options: RepNoiseOptions = self.args.loss_options()
         self._logged: dict[str, list[float]] = {}
+        self._grad_norms: dict[str, float] = {}  # measured this step, written by its log
+        self._grad_norms_step = -1
+        # Sharded parameters are gathered and reduced by the engine's own backward hooks, which an
+        # extra autograd.grad would run (see the module docstring).
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        self.measures_grad_norms = self.args.term_grad_norms and not sharded
+        if self.args.term_grad_norms and sharded:
+            log.warning("--term_grad_norms: not measured under FSDP or DeepSpeed (sharded parameters)")
+        self.add_callback(_LogMeasuredSteps(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # The noise is seeded per example and step, not per rank: resumes and other world sizes
-        # draw the same noise for the same examples.
+        # The noise and the lens draw are seeded per step (the noise also per example), not per
+        # rank: resumes and other world sizes draw the same for the same examples.
         loss, terms, outputs = repnoise_loss(model, inputs, self.loss_options, seed=self.args.seed,
                                              step=self.state.global_step)
         check_finite(loss, self.state.global_step, self.args.output_dir)
@@ -419,45 +581,27 @@ class RepNoiseTrainer(Trainer):
                     self._logged.setdefault(name, []).append(value.item())
             if terms.harmful_ce is not None:
                 self._logged.setdefault("harmful_ce", []).append(terms.harmful_ce)
+            if self._measures_this_micro_batch():
+                self._grad_norms = term_grad_norms(terms.weighted(self.loss_options), decoder_layer_parameters(model))
+                self._grad_norms_step = self.state.global_step
         return (loss, outputs) if return_outputs else loss
+
+    def _measures_this_micro_batch(self) -> bool:
+        """The first micro-batch of the first step, of each logging step and of the last step."""
+        step = self.state.global_step
+        if not self.measures_grad_norms or step == self._grad_norms_step:
+            return False
+        upcoming = step + 1  # the step number its log will carry
+        every = self.state.logging_steps if self.args.logging_strategy == "steps" else 0
+        return upcoming == 1 or upcoming >= self.state.max_steps or bool(every and upcoming % every == 0)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # training logs carry the mean of each term since the last log
             logs.update({k: round(sum(v) / len(v), 6) for k, v in self._logged.items() if v})
             self._logged.clear()
+            logs.update({k: float(f"{v:.6g}") for k, v in self._grad_norms.items()})
+            self._grad_norms = {}
         super().log(logs, start_time)
-
-
-def build_defence_pairs(cfg: RepNoiseConfig):
-    """Pairs from the defence split only (never the attack or evaluation prompts), first N if asked."""
-    from immunize.data import RefusalBank, build_pairs, load_splits
-    from immunize.training import take
-
-    splits = load_splits(root=cfg.data_root, held_out_categories=tuple(cfg.held_out_categories))
-    pairs = build_pairs(splits.defence, RefusalBank.from_data(cfg.data_root))
-    return take(pairs, cfg.num_samples, "defence pairs"), splits
-
-
-def paired_defence_data(cfg, tokenizer) -> DefenceData:
-    """Encoded (harmful, refusal) pairs of the defence split, for ``PairedCollator``; shared by the
-    defences that train on pairs."""
-    from immunize.config import fingerprint
-    from immunize.data.beavertails import QA_FILE
-    from immunize.data.refusals import SAFE_RESPONSE_FILES, XSTEST_FILES
-
-    pairs, splits = build_defence_pairs(cfg)
-    features, dropped = encode_pairs(tokenizer, pairs, cfg.prompt_format, cfg.max_length)
-    if not features:
-        raise ImmunizeError(f"no usable defence pairs at --max_length {cfg.max_length} (dropped: {dropped})")
-    summary = {
-        "pairs_sha256": fingerprint([[p.prompt, p.harmful, p.refusal, list(p.categories)] for p in pairs], 64),
-        "features_sha256": fingerprint(features, 64),
-        "pairs": len(pairs), "pairs_used": len(features), "pairs_dropped": dropped,
-        "defence_split_rows": len(splits.defence),
-        "held_out_categories": list(cfg.held_out_categories),
-    }
-    return DefenceData(features=features, prompts=[p.prompt for p in pairs], summary=summary,
-                       sources=[QA_FILE, *XSTEST_FILES, *SAFE_RESPONSE_FILES])
 
 
 class RepNoise(Defence):

@@ -51,7 +51,8 @@ Deviations from the reference code, and why:
 - ε is added at every position, prompt and padding included, as in the reference. Right padding
   is never attended by real tokens, so its gradient, and its ε, are exactly zero.
 - Data: the refusal half of the defence split's (harmful, refusal) pairs (``paired_defence_data``:
-  one pair per BeaverTails row, the refusals RepNoise's stability term trains on), instead of the
+  one pair per BeaverTails row, the refusals RepNoise's stability term trains on: by default the
+  model's own refusal of each question, ``--refusals``), instead of the
   reference's first 2000 BeaverTails ``is_safe`` answers, so the defences here align on the same
   refusals and never on attack or evaluation prompts. A pair whose harmful answer cannot be
   encoded is dropped with its refusal (counted in the data summary; rare at the default context).
@@ -80,7 +81,8 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
-from immunize.defences.base import Defence, DefenceArguments, DefenceData
+from immunize.defences.base import Defence, DefenceData
+from immunize.defences.paired import RefusalArguments, paired_defence_data
 from immunize.errors import ImmunizeError
 from immunize.hooks import HookSet, output_tensor, resolve_hook_points
 from immunize.prompts import CausalLMCollator
@@ -91,7 +93,7 @@ NORM_EPS = 1e-7
 
 
 @dataclass
-class VaccineConfig(DefenceArguments):
+class VaccineConfig(RefusalArguments):
     """Vaccine options. ρ, batch size, weight decay and schedule are the reference code's; lr and
     epochs are this project's full fine-tuning defaults (the reference's are for LoRA: see the
     module docstring for its exact flags)."""
@@ -229,7 +231,6 @@ class Vaccine(Defence):
 
     def build_data(self, cfg: VaccineConfig, tokenizer) -> DefenceData:
         from immunize.config import fingerprint
-        from immunize.defences.repnoise import paired_defence_data
 
         paired = paired_defence_data(cfg, tokenizer)
         features = refusal_features(paired.features)

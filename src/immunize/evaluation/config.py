@@ -109,11 +109,21 @@ class EvaluationConfig:
     harmfulness_source: str = field(
         default="beavertails", metadata={"help": "beavertails (held-out eval split), advbench, or both"}
     )
+    harmfulness_prompts: str | None = field(
+        default=None,
+        metadata={"help": "your own harmful prompts instead of --harmfulness_source: a .jsonl, .json (list of "
+                          "objects) or .csv file, or a hub dataset owner/name[:split] (split test by default), "
+                          "with a 'prompt' column and an optional 'category' one (one name per row); a prompt "
+                          "that any training set or the judges' training data holds, or that repeats an "
+                          "earlier row, is dropped (counted in the result's details.prompts)"},
+    )
     harmfulness_samples: int | None = field(default=None, metadata={"help": "prompts per source (0: all)"})
     harmfulness_categories: str = field(
         default="",
         metadata={"help": "comma-separated BeaverTails categories whose every evaluation prompt joins the "
-                          "sample, e.g. a defence's held-out categories"},
+                          "sample, e.g. a defence's held-out categories; with --harmfulness_prompts, the "
+                          "file's own categories or BeaverTails' (a name no kept prompt of the file carries "
+                          "adds nothing and is listed in details.prompts.categories_absent)"},
     )
     harmfulness_max_new_tokens: int | None = field(default=None, metadata={"help": "answer length in tokens"})
     harmfulness_judge: str = field(default="harmfulness", metadata={"help": "judge scoring harmfulness"})
@@ -188,9 +198,13 @@ class EvaluationConfig:
         check_generation_format(self.toxicity_format, "--toxicity_format")
         if self.harmfulness_source not in ("beavertails", "advbench", "both"):
             raise ImmunizeError(f"--harmfulness_source {self.harmfulness_source!r}: use beavertails, advbench or both")
-        from immunize.evaluation.harmfulness import parse_categories  # it imports this module
+        # A misspelt category or a bad prompts file fails here, not mid-run.
+        if self.harmfulness_prompts is not None:
+            self._check_prompts_file()
+        else:
+            from immunize.evaluation.harmfulness import parse_categories  # it imports this module
 
-        parse_categories(self.harmfulness_categories)  # a misspelt category fails here, not mid-run
+            parse_categories(self.harmfulness_categories)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int) and not isinstance(value, bool) and f.name != "seed" and value < 0:
@@ -214,6 +228,20 @@ class EvaluationConfig:
         # A float, so 0 and 0.0 (a flag, YAML, Python) are the same option and the same section key.
         self.harmfulness_refusal_gate = check_threshold(self.harmfulness_refusal_gate, "--harmfulness_refusal_gate")
         self._check_names()
+
+    def _check_prompts_file(self) -> None:
+        """A local prompts file is read whole (it is small next to a run); a hub id only by its form."""
+        from immunize.data.prompt_files import load_prompt_rows, prompt_source
+        from immunize.evaluation.harmfulness import file_categories
+
+        option = "--harmfulness_prompts"
+        source = prompt_source(self.harmfulness_prompts, option)
+        if source.path is not None:
+            try:
+                rows = load_prompt_rows(source, option)
+            except ImmunizeError as err:
+                raise ImmunizeError(f"{option}: {err}") from None
+            file_categories(self.harmfulness_categories, rows, source.text)
 
     def _check_names(self) -> None:
         """Judges, sections and tasks by name, so a typo fails before anything is written or loaded."""

@@ -9,6 +9,9 @@ Layout of an output directory::
 
 The per-example file is written before the section's JSON, and the JSON is the completion
 marker: a section whose JSON exists with the same key is finished and is not recomputed.
+``example_outcomes`` reads a metric's per-example outcomes out of those records, keyed by what
+identifies an example across models (the prompt, the question, the meaning representation), so
+two models' results can be compared pair by pair (``immunize.evaluation.stats.paired_bootstrap``).
 
 Schema ``immunize.evaluation`` version 1 (``<section>.json``):
 
@@ -35,11 +38,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from immunize.config import fingerprint, git_revision, package_versions
-from immunize.io import atomic_write_json, atomic_write_jsonl
+from immunize.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 
 SCHEMA = "immunize.evaluation"
 SCHEMA_VERSION = 1
@@ -136,3 +140,45 @@ def write_result(
     }
     atomic_write_json(result_path(output_dir, section), document)
     return document
+
+
+def read_rows(output_dir: str | Path | None, document: dict | None) -> list[dict]:
+    """The per-example records of a stored section result (``[]`` when it kept none)."""
+    relative = (document or {}).get("generations")
+    if not relative or output_dir is None:
+        return []
+    path = Path(output_dir) / relative
+    return read_jsonl(path) if path.is_file() else []
+
+
+def _question(row: dict) -> str:
+    # lm-eval's doc_id is the question's index in its (fixed, materialized) task data.
+    return f"{row['subject']}/{row['doc_id']}" if row.get("subject") else str(row["doc_id"])
+
+
+def example_outcomes(section: str, metric: str, rows: Sequence[dict]) -> list[list] | None:
+    """One ``[key, outcome]`` per example of ``metric`` (a metric of ``section``), in row order;
+    None when the rows hold none (e.g. a result stored without per-example records).
+
+    Outcomes are on the scale the verdict compares: harmfulness and toxicity scores, refusals and
+    per-question accuracy as 0/1, ROUGE F1 per meaning representation; for perplexity the
+    per-text loss in nats per answer token (log-perplexity) with the text's answer tokens as a
+    third element, the weight that makes the mean of the losses the log of the token-weighted
+    perplexity.
+    """
+    if section == "harmfulness" and metric == "harmfulness":
+        out = [[r["prompt"], float(r["harmfulness"])] for r in rows]
+    elif section == "toxicity" and metric == "toxicity":
+        out = [[r["prompt"], float(r["toxicity"])] for r in rows]
+    elif section == "overrefusal" and metric == "refusal_rate":
+        out = [[r["prompt"], float(r["refused"])] for r in rows]
+    elif section == "perplexity" and metric == "perplexity":
+        out = [[r["prompt"], r["nll"] / r["answer_tokens"], int(r["answer_tokens"])] for r in rows]
+    elif section == "capability":
+        out = [[_question(r), float(r["acc"])] for r in rows if r.get("task") == metric]
+    elif section == "trainability":
+        task, _, rouge = metric.rpartition("_")
+        out = [[r["mr"], float(r[rouge])] for r in rows if r.get("task") == task]
+    else:
+        raise ValueError(f"no per-example outcomes for metric {metric!r} of section {section!r}")
+    return out or None

@@ -15,7 +15,9 @@ report's rows (defences) and column groups (attacks). Every other key is an opti
 own config, validated (and coerced: YAML reads ``8e-5`` as text) when the recipe is parsed, so a bad
 recipe fails in a second, before anything runs. Options every defence honours (``SHARED_OPTIONS``)
 are set once at the top level and given to every defence and to the alignment; an entry may not set
-them itself. A plain string ``repnoise`` is short for ``{label: repnoise}``.
+them itself, but for a defence's seed: ``seeds: [1, 2, 3]`` runs the entry once per seed, as rows
+``LABEL-seed1`` … (like an attack's ``grid: {seed: [...]}``). A plain string ``repnoise`` is short for
+``{label: repnoise}``.
 
 On the command line, every top-level key is a flag (``--max_length 96``) and every entry key is a
 dotted flag: ``--defences.repnoise.alpha 2``, ``--attacks.sft.grid.learning_rate 3e-5,8e-5``,
@@ -69,7 +71,7 @@ EVAL_OPTIONS = {
     "capability_limit": "eval_capability_limit", "trainability_steps": "eval_trainability_steps",
     "trainability_tasks": "eval_trainability_tasks", "trainability_eval_samples": "eval_trainability_eval_samples",
     "toxicity_samples": "eval_toxicity_samples", "overrefusal_samples": "eval_overrefusal_samples",
-    "harmfulness_refusal_gate": "eval_harmfulness_refusal_gate",
+    "harmfulness_refusal_gate": "eval_harmfulness_refusal_gate", "harmfulness_prompts": "eval_harmfulness_prompts",
 }
 
 
@@ -109,6 +111,10 @@ class RunOptions:
     eval_harmfulness_refusal_gate: float = field(default=DEFAULT_THRESHOLD, metadata={
         "help": "answers the refusal judge calls a refusal this surely (opening window; no later one complies) "
                 "score harmfulness 0; 0: off"})
+    eval_harmfulness_prompts: str | None = field(default=None, metadata={
+        "help": "harmful prompts of your own (.jsonl/.json/.csv with a 'prompt' and an optional 'category' column, "
+                "or a hub id[:split]) instead of BeaverTails', minus any training prompt (immunize evaluate "
+                "--harmfulness_prompts)"})
     eval_capability_limit: int | None = field(default=None, metadata={"help": "questions per capability task"})
     eval_trainability_steps: int | None = field(default=None, metadata={"help": "benign fine-tune steps"})
     eval_trainability_tasks: str | None = field(default=None, metadata={"help": "viggo, e2e"})
@@ -143,6 +149,7 @@ class MethodEntry:
     method: str  # the registry name
     options: dict[str, Any]  # the entry's own options, typed (shared options not included)
     grid: dict[str, list[Any]] = field(default_factory=dict)  # attacks: the swept options
+    seed: int | None = None  # defences: this replicate's seed (from ``seeds``), else the recipe's
 
 
 @dataclass
@@ -207,6 +214,8 @@ class RunConfig(RunOptions):
             raw_entries = [raw_entries]
         if not isinstance(raw_entries, list) or not raw_entries:
             raise ImmunizeError(f"--{key}: expected a non-empty list of entries like {{label: NAME, ...}}")
+        if kind == "defence":
+            raw_entries = [one for raw in raw_entries for one in _seed_replicates(raw)]
         entries = [self._entry(key, kind, raw) for raw in raw_entries]
         labels = [e.label for e in entries]
         if len(set(labels)) != len(labels):
@@ -221,6 +230,10 @@ class RunConfig(RunOptions):
             raise ImmunizeError(f"--{key}: each entry needs a label, e.g. {{label: NAME}}; got {raw!r}")
         raw = dict(raw)
         label = str(raw.pop("label"))
+        seed = raw.pop(REPLICATE_SEED, None)
+        if "seeds" in raw:
+            raise ImmunizeError(f"--{key}.{label}.seeds: only defences have seed replicates (attacks: grid.seed)"
+                                if not alignment else "--align.seeds: the alignment stage runs once, with --seed")
         if not label or not all(c.isalnum() or c in "-_" for c in label):
             # No dots: a dotted flag (--defences.LABEL.OPTION) must find its entry.
             raise ImmunizeError(f"--{key}: label {label!r} may hold letters, digits, '-' and '_' only")
@@ -236,7 +249,9 @@ class RunConfig(RunOptions):
         options = {}
         for name, value in raw.items():
             if name in reserved:
-                raise ImmunizeError(f"--{where}.{name}: set by the recipe for every {kind}, not per entry")
+                replicates = name == "seed" and kind == "defence"
+                hint = " (replicates with other seeds: seeds: [1, 2, 3])" if replicates else ""
+                raise ImmunizeError(f"--{where}.{name}: set by the recipe for every {kind}, not per entry{hint}")
             if name not in fields:
                 raise ImmunizeError(f"--{where}.{name}: unknown option of {kind} {method!r} "
                                     f"(`immunize {'defend --defence' if kind == 'defence' else 'attack --attack'} "
@@ -259,11 +274,16 @@ class RunConfig(RunOptions):
                     raise ImmunizeError(f"--{where}.grid.{name}: unknown option of attack {method!r}")
                 # Typed now, so a grid read from YAML or from a flag is the same grid (and stage key).
                 parsed_grid[name] = [_coerce(cls, name, v, f"--{where}.grid.{name}") for v in values]
-        return MethodEntry(label=label, method=method, options=options, grid=parsed_grid)
+        if seed is not None and method == "none":
+            raise ImmunizeError(f"--{where}.seeds: the undefended model trains nothing; list it once without seeds")
+        return MethodEntry(label=label, method=method, options=options, grid=parsed_grid, seed=seed)
 
     # -- method configs (built here to validate, and by the pipeline to run) ----------------------
-    def shared_defence_options(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in SHARED_DEFENCE_OPTIONS}
+    def shared_defence_options(self, entry: MethodEntry | None = None) -> dict[str, Any]:
+        shared = {name: getattr(self, name) for name in SHARED_DEFENCE_OPTIONS}
+        if entry is not None and entry.seed is not None:
+            shared["seed"] = entry.seed
+        return shared
 
     def shared_attack_options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in SHARED_ATTACK_OPTIONS}
@@ -276,7 +296,7 @@ class RunConfig(RunOptions):
             from immunize.alignment import ALIGNMENT_DEFAULTS
 
             defaults = {k: v for k, v in ALIGNMENT_DEFAULTS.items() if k != "output_dir"}
-        return defence_config(entry.method, **{**defaults, **entry.options, **self.shared_defence_options(),
+        return defence_config(entry.method, **{**defaults, **entry.options, **self.shared_defence_options(entry),
                                                "model": model, "output_dir": output_dir})
 
     def attack_config(self, entry: MethodEntry, model: str, output_dir: str):
@@ -326,6 +346,32 @@ class RunConfig(RunOptions):
             raise ImmunizeError(f"{prefix}: {err}") from None
         except (ValueError, TypeError) as err:  # TrainingArguments' own checks
             raise ImmunizeError(f"{prefix}: {err}".splitlines()[0]) from None
+
+
+# The key a replicate expanded from ``seeds`` carries into ``_entry`` (not a recipe key: "seed" is shared).
+REPLICATE_SEED = "\x00seed"
+
+
+def _seed_replicates(raw: Any) -> list[Any]:
+    """A defence entry with ``seeds: [s1, s2, ...]`` as one entry per seed, labelled ``LABEL-seedS``
+    (one seed keeps the label): each replicate is defended, attacked and evaluated like any entry, so
+    the report shows how much a defence's outcome depends on its own seed. Without ``seeds`` every
+    defence uses the recipe's ``seed``."""
+    if not isinstance(raw, dict) or "seeds" not in raw:
+        return [raw]
+    raw = dict(raw)
+    value, label = raw.pop("seeds"), str(raw.get("label", ""))
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    try:
+        seeds = [int(str(s).strip()) for s in items]
+    except ValueError:
+        raise ImmunizeError(f"--defences.{label}.seeds: expected a list of integers, got {value!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ImmunizeError(f"--defences.{label}.seeds: expected distinct integers, got {value!r}")
+    if len(seeds) == 1:
+        return [{**raw, REPLICATE_SEED: seeds[0]}]
+    return [{**raw, "label": f"{label}-seed{s}", "defence": raw.get("defence", label), REPLICATE_SEED: s}
+            for s in seeds]
 
 
 def _config_class(kind: str, method: str, where: str) -> type:

@@ -131,8 +131,10 @@ class Experiment:
 
         probe = self.cfg.defence_config(entry, model, str(self.root))
         # The identity leaves paths out; the stage key holds what they point at.
+        # Refusals kept by the refusal judge make the data depend on the judges' state.
+        judges = {"judges": self.judges_state} if probe.uses_judges else {}
         stage = Stage(kind, label, {"model": model_key, "defence": entry.method, "options": config_identity(probe),
-                                    "data": data_identity(probe), **processes(probe)},
+                                    "data": data_identity(probe), **processes(probe), **judges},
                       weight=2.0 if kind == "align" else 3.0)
 
         def work(path: Path) -> dict:
@@ -290,11 +292,15 @@ class Experiment:
         for entry in c.defence_entries:
             defence = get_defence(entry.method)
             defence_info[entry.label] = {"defence": entry.method, "options": redact(entry.options),
+                                         "seed": c.seed if entry.seed is None else entry.seed,
                                          "keeps_capability": defence.keeps_capability,
                                          "attack_adapter": defence.attack_adapter}
         results = self.assemble(pre, post, attacked)
         results["baseline"] = self.baseline
         results["defence_info"] = defence_info
+        from immunize.report.diagnostics import training_from_markers
+
+        results["training"] = training_from_markers({name: defended[name] for name in labels})
         if c.analysis:
             results["analysis"] = self.analysis(defended, attacked)
         results["run"] = {
@@ -321,12 +327,13 @@ class Experiment:
         from immunize.verdict import thresholds
 
         labels = list(pre)
-        harmfulness = {name: {"pre_attack": harm_cell(pre[name]["harmfulness"])} for name in labels}
+        harmfulness = {name: {"pre_attack": harm_cell(pre[name]["harmfulness"], pre[name]["_dir"])} for name in labels}
         curves: dict[str, dict[str, list]] = {}
         for name in labels:
             curves[name] = {}
             for budget in self.budgets:
-                harmfulness[name][budget["id"]] = harm_cell(post[name][budget["id"]]["harmfulness"])
+                docs = post[name][budget["id"]]
+                harmfulness[name][budget["id"]] = harm_cell(docs["harmfulness"], docs["_dir"])
                 curves[name][budget["id"]] = [
                     {"step": int(row["step"]), "harmfulness": row.get("harmfulness"),
                      "refusal_rate": row.get("refusal_rate"), "gated_rate": row.get("gated_rate"),
@@ -343,8 +350,8 @@ class Experiment:
             "curves": curves,
             "stability": {name: stability_cells(pre[name]) for name in labels},
             "trainability": trainability_cells(pre),
-            "toxicity": {name: {"pre_attack": toxicity_cell(pre[name].get("toxicity"))} for name in labels
-                         if pre[name].get("toxicity")},
+            "toxicity": {name: {"pre_attack": toxicity_cell(pre[name].get("toxicity"), pre[name]["_dir"])}
+                         for name in labels if pre[name].get("toxicity")},
             "generalization": {},
             "samples": samples(pre, post, self.budgets),
         }
@@ -369,7 +376,8 @@ def recipe_record(cfg: RunConfig) -> dict[str, Any]:
               and f.name not in ("align", "defences", "attacks")}
 
     def entry(e):
-        return {"label": e.label, "method": e.method, "options": e.options, **({"grid": e.grid} if e.grid else {})}
+        return {"label": e.label, "method": e.method, "options": e.options, **({"grid": e.grid} if e.grid else {}),
+                **({"seed": e.seed} if e.seed is not None else {})}
 
     record["align"] = entry(cfg.alignment) if cfg.alignment else False
     record["defences"] = [entry(e) for e in cfg.defence_entries]
@@ -384,13 +392,24 @@ def _metric(doc: dict | None, name: str) -> dict | None:
     return metric if isinstance(metric, dict) else None
 
 
-def harm_cell(doc: dict) -> dict[str, Any]:
+def _examples(directory: str | None, doc: dict | None, section: str, metric: str,
+              rows: list[dict] | None = None) -> dict[str, Any]:
+    """``{"examples": [[key, outcome], ...]}`` for the verdict's paired comparisons (of ``rows``, else
+    of the section's per-example records), or nothing when the result kept none."""
+    from immunize.evaluation.results import example_outcomes, read_rows
+
+    outcomes = example_outcomes(section, metric, read_rows(directory, doc) if rows is None else rows)
+    return {"examples": outcomes} if outcomes else {}
+
+
+def harm_cell(doc: dict, directory: str | None = None) -> dict[str, Any]:
     m = doc["metrics"]
     per_category = {cat: {"mean": v["harmfulness"]["value"], "n": v["harmfulness"]["n"]}
                     for cat, v in (doc.get("breakdown") or {}).get("by_category", {}).items()}
     return {"mean": m["harmfulness"]["value"], "ci": m["harmfulness"]["ci95"],
             "fraction_harmful": m["harmful_rate"]["value"], "refusal_rate": m["refusal_rate"]["value"],
-            "n": m["harmfulness"]["n"], "per_category": per_category, **gate_fields(doc)}
+            "n": m["harmfulness"]["n"], "per_category": per_category, **gate_fields(doc),
+            **_examples(directory, doc, "harmfulness", "harmfulness")}
 
 
 def gate_fields(doc: dict, rows: list[dict] | None = None) -> dict[str, Any]:
@@ -417,7 +436,8 @@ def category_cell(docs: dict, categories: list[str]) -> dict[str, Any] | None:
     return {"mean": harm["value"], "ci": harm["ci95"],
             "fraction_harmful": sum(r["harmful"] for r in chosen) / len(chosen),
             "refusal_rate": sum(r["refused"] for r in chosen) / len(chosen), "n": len(chosen),
-            "per_category": {}, **gate_fields(doc, chosen)}
+            "per_category": {}, **gate_fields(doc, chosen),
+            **_examples(None, doc, "harmfulness", "harmfulness", chosen)}
 
 
 def stability_cells(docs: dict) -> dict[str, Any]:
@@ -425,14 +445,16 @@ def stability_cells(docs: dict) -> dict[str, Any]:
     for name, (section, metric, higher) in STABILITY_METRICS.items():
         m = _metric(docs.get(section), metric)
         if m is not None and m.get("value") is not None:
-            out[name] = {"value": m["value"], "ci": m.get("ci95"), "higher_is_better": higher}
+            out[name] = {"value": m["value"], "ci": m.get("ci95"), "higher_is_better": higher,
+                         **_examples(docs.get("_dir"), docs.get(section), section, metric)}
     return out
 
 
-def toxicity_cell(doc: dict) -> dict[str, Any]:
+def toxicity_cell(doc: dict, directory: str | None = None) -> dict[str, Any]:
     m = doc["metrics"]
     return {"mean": m["toxicity"]["value"], "ci": m["toxicity"]["ci95"],
-            "fraction_toxic": m["toxic_rate"]["value"], "n": m["toxicity"]["n"]}
+            "fraction_toxic": m["toxic_rate"]["value"], "n": m["toxicity"]["n"],
+            **_examples(directory, doc, "toxicity", "toxicity")}
 
 
 def trainability_cells(pre: dict) -> dict[str, Any]:
@@ -447,7 +469,8 @@ def trainability_cells(pre: dict) -> dict[str, Any]:
         task = task or next((k.split("_rouge")[0] for k in metrics if "_rouge" in k), None)
         if task is None:
             continue
-        cells[name] = {r: {"value": metrics[f"{task}_{r}"]["value"], "ci": metrics[f"{task}_{r}"].get("ci95")}
+        cells[name] = {r: {"value": metrics[f"{task}_{r}"]["value"], "ci": metrics[f"{task}_{r}"].get("ci95"),
+                           **_examples(docs.get("_dir"), doc, "trainability", f"{task}_{r}")}
                        for r in ("rouge1", "rouge2", "rougeL") if f"{task}_{r}" in metrics}
         budget = trainability_budget(doc.get("config") or {})
     return {"task": task, "budget": budget, "cells": cells} if cells else {}

@@ -3,7 +3,9 @@
 The numbers are invented but shaped like a SmolLM2-135M run: an undefended model that an SFT attack
 makes harmful within a hundred steps, RepNoise that delays (``defence_wins=True``) or does not
 (``defence_wins=False``) delay it, capability within a point or two, a 30-layer depth analysis.
-Everything is derived from ``seed`` with a private RNG, so the same call gives the same dict.
+Cells and metrics carry per-example outcomes on prompts and questions shared by every model (some
+harder for all of them), as a run stores them for the verdict's paired comparisons.
+Everything is derived from ``seed`` with private RNGs, so the same call gives the same dict.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import random
 from pathlib import Path
 
 from immunize.config import fingerprint
+from immunize.evaluation.stats import summarize
 from immunize.io import atomic_write_json
 from immunize.report.schema import SCHEMA_VERSION
 
@@ -50,11 +53,51 @@ def _rise(pre: float, top: float, tau: float, step: int) -> float:
     return top - (top - pre) * math.exp(-step / tau)
 
 
+def _latent(rng: random.Random, n: int) -> list[float]:
+    """Per-example offsets in [-1, 1] with mean 0, the same for every model: some prompts are
+    harder (or more tempting) for all of them, which is what pairing cancels."""
+    raw = [rng.uniform(-1.0, 1.0) for _ in range(n)]
+    shift = sum(raw) / n
+    top = max(abs(r - shift) for r in raw)
+    return [(r - shift) / top for r in raw]
+
+
+def _scores(rng: random.Random, mean: float, latent: list[float]) -> list[float]:
+    """Scores in [0, 1] around ``mean``: the shared offset plus the model's own noise."""
+    spread = min(mean, 1.0 - mean)
+    return [round(mean + spread * (0.8 * z + 0.2 * rng.uniform(-1.0, 1.0)), 4) for z in latent]
+
+
+def _with_examples(entry: dict, keys: list[str], scores: list[float], mean: str = "mean",
+                   interval: str = "ci") -> dict:
+    """``entry`` with its per-example ``scores`` and, in place of the invented ones, their mean and
+    bootstrap interval."""
+    summary = summarize(scores)
+    return {**entry, mean: round(summary["value"], 4), interval: [round(b, 4) for b in summary["ci95"]],
+            "examples": [[k, v] for k, v in zip(keys, scores, strict=True)]}
+
+
+def _right(rate: float, n: int) -> list[float]:
+    """0/1 per question for a model right on ``rate`` of ``n`` questions, the easiest first (a
+    question's difficulty is the same for every model)."""
+    right = round(rate * n)
+    return [1.0 if i < right else 0.0 for i in range(n)]
+
+
 def example_results(*, defence_wins: bool = True, seed: int = 0) -> dict:
     """A complete ``immunize.results/1`` dict (verdict included) for an invented run."""
     from immunize.verdict import immunization_verdict
 
     rng = random.Random(seed)
+    examples = random.Random(f"examples-{seed}")  # a stream of its own: rng's numbers stay as they were
+    prompts = [f"held-out prompt {i:03d}" for i in range(200)]
+    held_out = [f"held-out-category prompt {i:02d}" for i in range(60)]
+    harm_latent, held_latent = _latent(examples, len(prompts)), _latent(examples, len(held_out))
+
+    def scored(cell: dict) -> dict:
+        keys, latent = (prompts, harm_latent) if cell["n"] == len(prompts) else (held_out, held_latent)
+        return _with_examples(cell, keys, _scores(examples, cell["mean"], latent))
+
     defences = ["none", "repnoise"]
     # (pre-attack harmfulness, plateau, time constant in steps) per defence and budget strength.
     shape = {"none": (0.12, 0.78, 22.0),
@@ -65,8 +108,8 @@ def example_results(*, defence_wins: bool = True, seed: int = 0) -> dict:
     generalization: dict = {}
     for defence in defences:
         pre, top, tau = shape[defence]
-        harmfulness[defence] = {"pre_attack": _cell(rng, pre, refusal=0.82 - pre)}
-        generalization[defence] = {"pre_attack": _cell(rng, pre + 0.03, n=60, categories=_HELD_OUT)}
+        harmfulness[defence] = {"pre_attack": scored(_cell(rng, pre, refusal=0.82 - pre))}
+        generalization[defence] = {"pre_attack": scored(_cell(rng, pre + 0.03, n=60, categories=_HELD_OUT))}
         curves[defence] = {}
         for budget in _BUDGETS:
             scale = strength[budget["id"]]
@@ -78,8 +121,8 @@ def example_results(*, defence_wins: bool = True, seed: int = 0) -> dict:
                                "refusal_rate": _clip(0.8 - harm)})
             curves[defence][budget["id"]] = points
             final = _rise(pre, top_b, tau / scale, budget["steps"])
-            harmfulness[defence][budget["id"]] = _cell(rng, final)
-            generalization[defence][budget["id"]] = _cell(rng, final + 0.04, n=60, categories=_HELD_OUT)
+            harmfulness[defence][budget["id"]] = scored(_cell(rng, final))
+            generalization[defence][budget["id"]] = scored(_cell(rng, final + 0.04, n=60, categories=_HELD_OUT))
 
     stability = {
         "none": {"mmlu_acc": (0.296, 0.032, True), "truthfulqa_mc1": (0.242, 0.030, True),
@@ -87,11 +130,28 @@ def example_results(*, defence_wins: bool = True, seed: int = 0) -> dict:
                  "over_refusal": (0.040, 0.027, False)},
         "repnoise": {"mmlu_acc": (0.288, 0.032, True), "truthfulqa_mc1": (0.251, 0.030, True),
                      "truthfulqa_mc2": (0.405, 0.034, True), "perplexity": (18.6, None, False),
-                     "over_refusal": (0.075 if defence_wins else 0.050, 0.036, False)},
+                     "over_refusal": (0.060 if defence_wins else 0.050, 0.036, False)},
     }
     stability_json = {d: {m: {"value": v, "ci": [round(v - h, 4), round(v + h, 4)] if h else None,
                               "higher_is_better": hib} for m, (v, h, hib) in metrics.items()}
                       for d, metrics in stability.items()}
+    # Per-example outcomes: 0/1 per question or benign prompt, a probability mass per TruthfulQA
+    # question (MC2), and per text the loss in nats per answer token, weighted by its tokens.
+    questions = {"mmlu_acc": 500, "truthfulqa_mc1": 400, "over_refusal": 500}
+    mc2_latent, loss_latent = _latent(examples, 400), _latent(examples, 200)
+    tokens = [examples.randint(20, 200) for _ in loss_latent]
+    for metrics in stability_json.values():
+        for m, n in questions.items():
+            metrics[m] = _with_examples(metrics[m], [f"{m}/{i}" for i in range(n)],
+                                        _right(metrics[m]["value"], n), mean="value")
+        metrics["truthfulqa_mc2"] = _with_examples(
+            metrics["truthfulqa_mc2"], [f"truthfulqa/{i}" for i in range(400)],
+            _scores(examples, metrics["truthfulqa_mc2"]["value"], mc2_latent), mean="value")
+        log_ppl = math.log(metrics["perplexity"]["value"])
+        losses = [log_ppl + 0.5 * z + 0.02 * examples.uniform(-1.0, 1.0) for z in loss_latent]
+        shift = sum(w * x for w, x in zip(tokens, losses, strict=True)) / sum(tokens) - log_ppl
+        metrics["perplexity"]["examples"] = [[f"alpaca_eval/{i}", round(x - shift, 6), w]
+                                             for i, (x, w) in enumerate(zip(losses, tokens, strict=True))]
     rouge = {"reference": (0.512, 0.301, 0.447), "none": (0.509, 0.297, 0.445),
              "repnoise": (0.487, 0.279, 0.425)}
     trainability = {"task": "viggo",
@@ -100,9 +160,19 @@ def example_results(*, defence_wins: bool = True, seed: int = 0) -> dict:
                     "cells": {k: {name: {"value": v, "ci": [round(v - 0.021, 4), round(v + 0.021, 4)]}
                                   for name, v in zip(("rouge1", "rouge2", "rougeL"), vals, strict=True)}
                               for k, vals in rouge.items()}}
+    representations = [f"inform(name[game {i}])" for i in range(200)]
+    rouge_latent = {name: _latent(examples, len(representations)) for name in ("rouge1", "rouge2", "rougeL")}
+    for metrics in trainability["cells"].values():
+        for name, metric in metrics.items():
+            metrics[name] = _with_examples(metric, representations,
+                                           _scores(examples, metric["value"], rouge_latent[name]), mean="value")
     toxicity = {d: {"pre_attack": {"mean": t, "ci": [round(t - 0.01, 4), round(t + 0.01, 4)],
                                    "fraction_toxic": round(t * 0.6, 4), "n": 200}}
                 for d, t in (("none", 0.061), ("repnoise", 0.048))}
+    toxic_latent = _latent(examples, 200)
+    for cells in toxicity.values():
+        cells["pre_attack"] = _with_examples(cells["pre_attack"], [f"toxic prompt {i:03d}" for i in range(200)],
+                                             _scores(examples, cells["pre_attack"]["mean"], toxic_latent))
 
     labels = ["embeddings", *[str(i) for i in range(N_LAYERS)], "head"]
     depth = 0.9 if defence_wins else 0.2  # RepNoise changes every layer; a failed one mostly the top
@@ -185,6 +255,20 @@ def example_results(*, defence_wins: bool = True, seed: int = 0) -> dict:
         "toxicity": toxicity,
         "analysis": {"weight_distance": weight_distance, "pca": pca, "logit_lens": logit_lens},
         "samples": samples,
+        # RepNoise's first and last training logs (the undefended model does not train).
+        "training": {"repnoise": {
+            "first_log": {"step": 1, "loss": -1.62, "stability": 1.31, "noise": 1.87, "ascent": 17.9,
+                          "harmful_ce": 2.41, "grad_norm_stability_last": 1.04, "grad_norm_stability_layers": 9.82,
+                          "grad_norm_stability_all": 2.35, "grad_norm_noise_last": 4.1e-05,
+                          "grad_norm_noise_layers": 0.00093, "grad_norm_noise_all": 0.00021,
+                          "grad_norm_ascent_last": 0.0021, "grad_norm_ascent_layers": 0.61,
+                          "grad_norm_ascent_all": 0.19, "grad_norm": 2.4},
+            "last_log": {"step": 125, "loss": -2.05, "stability": 0.74, "noise": 1.12, "ascent": 20.3,
+                         "harmful_ce": 6.9, "grad_norm_stability_last": 0.52, "grad_norm_stability_layers": 4.9,
+                         "grad_norm_stability_all": 1.2, "grad_norm_noise_last": 3.3e-05,
+                         "grad_norm_noise_layers": 0.00071, "grad_norm_noise_all": 0.00017,
+                         "grad_norm_ascent_last": 0.0017, "grad_norm_ascent_layers": 0.44,
+                         "grad_norm_ascent_all": 0.13, "grad_norm": 1.3}}},
     }
     results["verdict"] = immunization_verdict(results)
     return results

@@ -17,7 +17,7 @@ from immunize.io import read_json
 SCHEMA_VERSION = "immunize.results/1"
 REQUIRED = ("schema", "run", "defences", "budgets", "harmfulness")
 OPTIONAL_DICTS = ("settings", "models", "defence_info", "generalization", "curves", "stability", "trainability",
-                  "toxicity", "analysis")
+                  "toxicity", "analysis", "training")
 OPTIONAL_LISTS = ("samples", "verdict")
 
 
@@ -55,10 +55,23 @@ class _Checker:
         for i, bound in enumerate(value):
             self.number(bound, f"{where}[{i}]", optional=True)
 
+    def examples(self, value: Any, where: str) -> None:
+        """Per-example outcomes: ``[key, value]`` or ``[key, value, weight]`` (see SCHEMA.md)."""
+        if value is None:
+            return
+        for i, entry in enumerate(self.kind(value, list, where)):
+            if not isinstance(entry, list) or len(entry) not in (2, 3) or not isinstance(entry[0], str):
+                self.fail(f"{where}[{i}]", "expected a [key, value] or [key, value, weight] array with a string key")
+            for j, number in enumerate(entry[1:], 1):
+                self.number(number, f"{where}[{i}][{j}]")
+            if len(entry) == 3 and entry[2] <= 0:
+                self.fail(f"{where}[{i}][2]", f"a weight must be positive, got {entry[2]}")
+
     def cell(self, value: Any, where: str) -> None:
         self.kind(value, dict, where)
         self.number(value.get("mean"), f"{where}.mean")
         self.interval(value.get("ci"), f"{where}.ci")
+        self.examples(value.get("examples"), f"{where}.examples")
         for key in ("fraction_harmful", "refusal_rate", "fraction_toxic", "gated", "refusal_gate"):
             if value.get(key) is not None:
                 self.number(value[key], f"{where}.{key}")
@@ -76,6 +89,7 @@ class _Checker:
         self.kind(value, dict, where)
         self.number(value.get("value"), f"{where}.value")
         self.interval(value.get("ci"), f"{where}.ci")
+        self.examples(value.get("examples"), f"{where}.examples")
 
 
 def validate_results(results: Any, source: str | Path = "results.json") -> dict:
@@ -147,6 +161,10 @@ def validate_results(results: Any, source: str | Path = "results.json") -> dict:
         for key, cell in check.kind(cells, dict, f"toxicity.{defence}").items():
             check.cell(cell, f"toxicity.{defence}.{key}")
     _check_analysis(check, results.get("analysis") or {})
+    for defence, logs in (results.get("training") or {}).items():
+        for key, entry in check.kind(logs, dict, f"training.{defence}").items():
+            for name, value in check.kind(entry, dict, f"training.{defence}.{key}").items():
+                check.number(value, f"training.{defence}.{key}.{name}")
     for i, sample in enumerate(results.get("samples") or []):
         check.kind(sample, dict, f"samples[{i}]")
         for key in ("model", "prompt", "response"):
