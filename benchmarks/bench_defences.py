@@ -50,6 +50,21 @@ def _common(args, out: str) -> dict:
                 report_to="none", disable_tqdm=True, seed=0)
 
 
+# What a timed step must not include: generating refusals (the texts only set lengths; topical ones need
+# no model) and RepNoise's gradient-norm measurement (extra backward passes on its measured steps).
+QUIET = {"refusals": "topical", "term_grad_norm_steps": 0}
+
+
+def _config(name: str, options: dict):
+    """``defence_config`` with ``QUIET`` applied where the defence has those options."""
+    import dataclasses
+
+    from immunize.defences import config_class, defence_config
+
+    fields = {f.name for f in dataclasses.fields(config_class(name))}
+    return defence_config(name, **options, **{k: v for k, v in QUIET.items() if k in fields})
+
+
 def _time(trainer) -> tuple[float, float]:
     clock = StepClock()
     trainer.add_callback(clock)
@@ -59,12 +74,11 @@ def _time(trainer) -> tuple[float, float]:
 
 
 def sft_reference(args, tmp: str) -> tuple[float, float, int]:
-    from immunize.defences import defence_config
     from immunize.defences.paired import paired_defence_data
     from immunize.prompts import CausalLMCollator
     from immunize.training import GuardedTrainer, ImmunizeTrainingArguments, load_training_model
 
-    cfg = defence_config("repnoise", **_common(args, f"{tmp}/pairs"))
+    cfg = _config("repnoise", _common(args, f"{tmp}/pairs"))
     model, tokenizer = load_training_model(cfg)
     data = paired_defence_data(cfg, tokenizer)
     sequences = [{"input_ids": f[f"{side}_input_ids"], "labels": f[f"{side}_labels"]}
@@ -89,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from immunize.defences import DEFENCES, defence_config, get_defence
+    from immunize.defences import DEFENCES, get_defence
 
     names = [n for n in args.defences.split(",") if n] or DEFENCES.names()
     print(f"model {args.model}, {args.pairs} examples x <= {args.max_length} tokens per step, "
@@ -105,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<20} does not train (no steps)", flush=True)
                 rows.append((name, None, None, None))
                 continue
-            cfg = defence_config(name, **_common(args, f"{tmp}/{name}"))
+            cfg = _config(name, _common(args, f"{tmp}/{name}"))
             model, tokenizer = defence.load_model(cfg)
             data = defence.build_data(cfg, tokenizer)
             data.features = data.features[: args.pairs] * (1 + args.steps)  # the same batch every step

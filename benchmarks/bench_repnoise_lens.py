@@ -17,7 +17,7 @@ Time, in one process, on the same weights (no optimizer step, so nothing drifts)
   labelled (full-vocabulary logits at every position);
 - ``exact``: ``repnoise_loss`` with the paper's options (every layer, MLP activations, sequence MMD,
   the lens on the embeddings and every layer), forward and backward;
-- ``exact+grad_norms``: the same plus the three ``autograd.grad`` of ``--term_grad_norms``, what a
+- ``exact+grad_norms``: the same plus the three ``autograd.grad`` of ``--term_grad_norm_steps``, what a
   measured (logging) step costs;
 - ``k=K``: the sampled lens, the output layer plus K other read-outs (``--lens_sampled_readouts K``),
   a new draw every repetition (the step number changes), as in training.

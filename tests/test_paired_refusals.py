@@ -60,22 +60,29 @@ class FakeGeneration:
     """Stands in for ``immunize.generation.generate``: echoes each prompt it is shown inside a refusal
     (or a compliance, for prompts in ``comply``), and records what it was shown."""
 
-    def __init__(self, comply=()):
-        self.comply = set(comply)
+    def __init__(self, comply=(), then_comply=()):
+        self.comply, self.then_comply = set(comply), set(then_comply)
         self.shown: list[str] = []
 
     def __call__(self, model, tokenizer, prompts, *, fmt, max_new_tokens, batch_size, across_ranks=False):
         assert len(prompts) <= batch_size
         self.shown += prompts
         question = [p.removeprefix(INSTRUCTION) for p in prompts]
-        return [Generation(p, f"Sure, here is how: {q}" if q in self.comply else f"I cannot help with: {q}",
-                           12, True) for p, q in zip(prompts, question, strict=True)]
+        return [Generation(p, self.answer(q), 12, True) for p, q in zip(prompts, question, strict=True)]
+
+    def answer(self, question: str) -> str:
+        if question in self.comply:
+            return f"Sure, here is how: {question}"
+        if question in self.then_comply:  # refuses, then helps anyway
+            return (f"I cannot help with: {question}. Still, here is what people usually do: first they pick "
+                    "a quiet evening, then they gather the tools, then they follow the steps one by one until done.")
+        return f"I cannot help with: {question}"
 
 
 @pytest.fixture
 def fake_generation(monkeypatch):
-    def install(comply=()):
-        fake = FakeGeneration(comply)
+    def install(comply=(), then_comply=()):
+        fake = FakeGeneration(comply, then_comply)
         monkeypatch.setattr("immunize.generation.generate", fake)
         return fake
     return install
@@ -103,6 +110,17 @@ def test_an_own_refusal_is_the_model_answer_to_its_own_plain_question(isolated_c
     assert (summary["source"], summary["prompts"], summary["kept"], summary["kept_fraction"]) == ("own", 4, 3, 0.75)
     assert summary["fell_back"] == {"topical": 1} and summary["dropped"] == 0 and not refusals.files
     assert summary["judge"]["name"] == "keyword-refusal" and summary["generation"]["own"]["generated"] == 4
+
+
+def test_an_answer_that_refuses_then_helps_is_not_kept(isolated_cache, tiny_checkpoint, fake_generation):
+    from immunize.judges.topical_refusals import topical_refusal
+
+    fake_generation(then_comply=[PROMPTS[0]])
+    refusals = _build(tiny_checkpoint)
+    # The refusal gate's rule: the opening refuses, but a later window complies.
+    assert refusals.texts[PROMPTS[0]] == topical_refusal(PROMPTS[0])
+    assert refusals.texts[PROMPTS[1]] == f"I cannot help with: {PROMPTS[1]}"
+    assert refusals.summary["kept"] == 3 and refusals.summary["fell_back"] == {"topical": 1}
 
 
 def test_instructed_refusals_are_asked_for_with_the_instruction(isolated_cache, tiny_checkpoint, fake_generation):
@@ -136,7 +154,7 @@ def test_the_cache_is_hit_and_only_new_prompts_are_generated(isolated_cache, tin
     assert fake.shown == [] and again.texts == first.texts
     assert again.summary["generation"]["own"] | {"cache": None} == {
         "generated": 0, "from_cache": 2, "cut_at_max_new_tokens": 0, "empty": 0, "judged_refusals": 2,
-        "threshold": 0.5, "cache": None}
+        "threshold": 0.9, "later_threshold": 0.2, "cache": None}
     more = _build(tiny_checkpoint, PROMPTS)
     assert sorted(fake.shown) == sorted(PROMPTS[2:]) and set(more.texts) == set(PROMPTS)
     # Another setting that changes the greedy text is another cache entry.
@@ -321,6 +339,9 @@ def test_defence_pairs_come_from_the_defence_split_only_each_with_its_own_refusa
     from immunize.data import load_splits, looks_like_refusal
     from immunize.defences import defence_config
     from immunize.defences.paired import build_defence_pairs, paired_defence_data
+    from immunize.judges.gate import refusal_gate
+    from immunize.judges.keyword import KeywordRefusalJudge
+    from immunize.judges.topical_refusals import topical_refusal
     from immunize.models import load_tokenizer
 
     held_out = ["animal_abuse", "self_harm"]
@@ -335,13 +356,19 @@ def test_defence_pairs_come_from_the_defence_split_only_each_with_its_own_refusa
     assert len(pairs) == 12 and {p.prompt for p in pairs} <= {r.prompt for r in full.defence}
     assert set(refusals.texts) == {p.prompt for p in pairs}
     assert not {c for p in pairs for c in p.categories} & set(held_out)
+    # The keyword judge reads a long echoed question's tail (after 16 words) as compliance: those
+    # answers are not kept by the refusal-gate rule either, and fall back like the compliances.
+    echoed = {p.prompt: f"I cannot help with: {p.prompt}" for p in pairs}
+    gate = refusal_gate(KeywordRefusalJudge().score, list(echoed), list(echoed.values()))
+    refused = {p for p, gated in zip(echoed, gate.gated, strict=True) if gated} - set(comply)
+    assert len(refused) >= len(echoed) // 2
     for pair in pairs:
         assert looks_like_refusal(pair.refusal)
-        if pair.prompt not in comply:
-            assert pair.refusal == f"I cannot help with: {pair.prompt}"
+        expected = echoed[pair.prompt] if pair.prompt in refused else topical_refusal(pair.prompt)
+        assert pair.refusal == expected
     data = paired_defence_data(cfg, load_tokenizer(str(tiny_checkpoint)))
     summary = data.summary["paired_refusals"]
-    assert summary["prompts"] == len({p.prompt for p in pairs}) and summary["fell_back"] == {"topical": 2}
+    assert summary["prompts"] == len(echoed) and summary["fell_back"] == {"topical": len(echoed) - len(refused)}
     assert data.summary["pairs"] == 12 and data.sources == ["beavertails/qa.jsonl"]  # no bank file read
 
     fake_generation(comply=[r.prompt for r in full.defence])

@@ -116,6 +116,7 @@ def test_defence_seeds_expand_into_replicate_rows_with_their_own_seed():
     for defences, message in (
             (["none", {"label": "rn", "defence": "repnoise", "seeds": [1, 1]}], r"rn\.seeds: expected distinct"),
             (["none", {"label": "rn", "defence": "repnoise", "seeds": ["x"]}], r"rn\.seeds: expected a list of int"),
+            (["none", {"label": "rn", "defence": "repnoise", "seeds": 3}], r"rn\.seeds: expected a list of seeds"),
             ([{"label": "none", "seeds": [1]}, "repnoise"], r"none\.seeds: the undefended model trains nothing")):
         with pytest.raises(ImmunizeError, match=message):
             RunConfig(defences=defences)

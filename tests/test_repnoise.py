@@ -750,7 +750,7 @@ def test_paper_defaults_clip_no_gradient(tmp_path, name):
     cfg = defence_config(name, output_dir=str(tmp_path / "x"), use_cpu=True, report_to="none")
     assert cfg.max_grad_norm == 0.0 and cfg.max_length == 256
     assert (cfg.learning_rate, cfg.per_device_train_batch_size, cfg.num_train_epochs) == (2e-5, 8, 1.0)
-    assert cfg.lens_sampled_readouts == 0 and cfg.term_grad_norms
+    assert cfg.lens_sampled_readouts == 0 and cfg.term_grad_norm_steps == 50
 
 
 
@@ -902,7 +902,7 @@ def test_sampled_lens_draw_is_shared_by_the_micro_batches_of_a_step_and_repeated
 
     monkeypatch.setattr(repnoise, "draw_lens", recording)
     common = dict(max_steps=4, save_steps=2, learning_rate=1e-3, gradient_accumulation_steps=2,
-                  per_device_train_batch_size=2, lens_sampled_readouts=1, term_grad_norms=False)
+                  per_device_train_batch_size=2, lens_sampled_readouts=1, term_grad_norm_steps=0)
     straight = tiny_model("llama", layers=3)
     run_training(_trainer(_config(tmp_path / "a", **common), straight, tokenizer))
     draws = dict(seen)
@@ -949,11 +949,13 @@ def test_term_grad_norms_are_logged_and_match_a_direct_computation(tmp_path, tok
         return original(self, model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(RepNoiseTrainer, "compute_loss", keep_first)
-    cfg = _config(tmp_path, max_steps=5, logging_steps=2, gradient_accumulation_steps=2,
+    cfg = _config(tmp_path, max_steps=5, logging_steps=3, term_grad_norm_steps=2, gradient_accumulation_steps=2,
                   per_device_train_batch_size=2, learning_rate=1e-3)
     logs, _ = _train_logs(cfg, tokenizer)
-    # The first step is logged although --logging_steps is 2; so are the logging steps and the last.
-    assert [e["step"] for e in logs] == [1, 2, 4, 5]
+    # Measured on the first step, every second and the last, each then logged (--logging_steps 3: step 3).
+    assert [e["step"] for e in logs] == [1, 2, 3, 4, 5]
+    assert [e["step"] for e in logs if "grad_norm_total" in e] == [1, 2, 4, 5]
+    logs = [e for e in logs if "grad_norm_total" in e]
     for entry in logs:
         assert entry.keys() >= GRAD_NORM_KEYS
         for term in ("stability", "noise", "ascent"):
@@ -979,14 +981,14 @@ def test_term_grad_norms_are_measured_once_per_logged_step(tmp_path, tokenizer, 
     calls = []
     original = repnoise.term_grad_norms
     monkeypatch.setattr(repnoise, "term_grad_norms", lambda parts, layers: calls.append(1) or original(parts, layers))
-    cfg = _config(tmp_path, max_steps=5, logging_steps=2, gradient_accumulation_steps=2,
+    cfg = _config(tmp_path, max_steps=5, term_grad_norm_steps=2, gradient_accumulation_steps=2,
                   per_device_train_batch_size=2)
     _train_logs(cfg, tokenizer)
     assert len(calls) == 4  # steps 1, 2, 4 and 5; the first of each step's two micro-batches
 
 
 def test_term_grad_norms_off_logs_none(tmp_path, tokenizer):
-    logs, _ = _train_logs(_config(tmp_path, max_steps=2, term_grad_norms=False), tokenizer)
+    logs, _ = _train_logs(_config(tmp_path, max_steps=2, term_grad_norm_steps=0), tokenizer)
     assert logs and not any(k.startswith("grad_norm_") for e in logs for k in e)
     assert {"stability", "noise", "ascent", "harmful_ce"} <= logs[0].keys()
 
@@ -995,7 +997,8 @@ def test_term_grad_norms_are_not_part_of_a_runs_identity(tmp_path):
     from immunize.method_runner import config_identity
 
     identity = config_identity(_config(tmp_path))
-    assert "term_grad_norms" not in identity and identity["lens_sampled_readouts"] == 0
+    assert "term_grad_norm_steps" not in identity and "on_topic_encoder" not in identity
+    assert identity["lens_sampled_readouts"] == 0
     assert identity["max_grad_norm"] == 0
 
 
@@ -1005,7 +1008,8 @@ def test_term_grad_norms_change_no_training_result(tmp_path, tokenizer):
     runs = []
     for on in (True, False):
         cfg = _config(tmp_path / str(on), max_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=2,
-                      learning_rate=1e-3, activation_checkpointing=True, term_grad_norms=on)
+                      learning_rate=1e-3, activation_checkpointing=True,
+                      term_grad_norm_steps=1 if on else 0)
         runs.append(_train_logs(cfg, tokenizer))
     (logs_on, model_on), (logs_off, model_off) = runs
     assert any(e.keys() >= GRAD_NORM_KEYS for e in logs_on)

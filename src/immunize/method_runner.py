@@ -51,8 +51,6 @@ NOT_IDENTITY = frozenset({
     "logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node", "logging_nan_inf_filter",
     "include_num_input_tokens_seen", "log_level", "log_level_replica", "disable_tqdm", "report_to", "run_name",
     "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "skip_memory_metrics",
-    "on_topic_encoder",  # scores the refusals for the data summary; never changes them
-    "term_grad_norms",  # RepNoise's logged gradient norms: measured beside training, never changing it
     # evaluation inside the Trainer (our methods do not evaluate there)
     "eval_strategy", "eval_steps", "eval_delay", "per_device_eval_batch_size", "prediction_loss_only",
     "eval_on_start", "eval_do_concat_batches", "eval_use_gather_object", "eval_accumulation_steps",
@@ -89,14 +87,16 @@ def _plain(value: Any) -> Any:
 
 
 def config_identity(cfg: Any, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """Every init field of ``cfg`` but ``NOT_IDENTITY`` (and ``exclude``), as plain JSON values.
+    """Every init field of ``cfg`` but ``NOT_IDENTITY``, its class's ``not_identity`` (and ``exclude``),
+    as plain JSON values.
 
     Values are read from the config itself (``to_dict`` masks ``*_token`` fields, which would hide a
     changed ``pad_token``); whole numbers given as floats count as the same value (YAML's ``1``
     and a flag's ``1.0`` are one epoch). Secret-like options (``immunize.redact``) never change what a
     run computes, so they never enter an identity, a model card or a stage key."""
     names = [f.name for f in dataclasses.fields(cfg) if f.init]
-    skip = NOT_IDENTITY | exclude
+    # A method's own diagnostics (``not_identity`` of its config class) change no result either.
+    skip = NOT_IDENTITY | exclude | frozenset(getattr(type(cfg), "not_identity", ()))
     return {name: _number(_plain(getattr(cfg, name, None))) for name in sorted(names)
             if name not in skip and not is_secret(name)}
 

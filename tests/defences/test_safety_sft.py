@@ -4,6 +4,7 @@ builder (defence split only, held-out categories, benign mixing), bad options an
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -212,9 +213,14 @@ def test_each_refusal_answers_its_own_question_and_only_prompts_trained_on_are_a
 
     shown = []
 
+    def refusal_of(prompt: str) -> str:
+        # Short, so the refusal gate's later windows never read part of an echoed question as compliance
+        # with the keyword judge; the digest ties the answer to its own question.
+        return f"I cannot help with request {hashlib.sha256(prompt.encode()).hexdigest()[:12]}."
+
     def echo(model, tokenizer, prompts, **kwargs):
         shown.extend(prompts)
-        return [Generation(p, f"I cannot help with: {p.removeprefix(INSTRUCTION)}", 9, True) for p in prompts]
+        return [Generation(p, refusal_of(p.removeprefix(INSTRUCTION)), 9, True) for p in prompts]
 
     monkeypatch.setattr("immunize.generation.generate", echo)
     options = dict(model=str(tiny_checkpoint), data_root=str(real_data_root), num_harmful=5, num_benign=3,
@@ -224,7 +230,7 @@ def test_each_refusal_answers_its_own_question_and_only_prompts_trained_on_are_a
         shown.clear()
         examples, _, refusals = safety_examples(_config(tmp_path, refusals=source, **options))
         harmful = [e for e in examples if e.is_refusal]
-        assert all(e.answer == f"I cannot help with: {e.prompt}" for e in harmful)
+        assert all(e.answer == refusal_of(e.prompt) for e in harmful)
         assert sorted(shown) == sorted(shown_as(e.prompt) for e in harmful)  # the 5 drawn, nothing else
         assert refusals.summary["kept"] == 5
         # The same prompts and the same mix as with any other source: only the refusals differ.

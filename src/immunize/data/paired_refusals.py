@@ -4,7 +4,9 @@ Each prompt gets its refusal from the source ``--refusals`` names; the prompts i
 through ``--refusal_fallback``, a comma list tried in order:
 
 - ``own``: the model's own greedy answer to the plain question (the training prompt format, no
-  instruction), kept when the refusal judge says it refuses. The RepNoise paper's construction
+  instruction), kept when the refusal judge says it refuses by the evaluation's refusal-gate rule
+  (``immunize.judges.gate``: its opening scores at least ``--refusal_threshold``, 0.9, and no later
+  window complies, so a refusal followed by help is not kept). The RepNoise paper's construction
   for defences, which start from an aligned model: the stability term keeps refusals the model
   already gives, on the pair's own topic.
 - ``instructed``: its greedy answer when the question follows an instruction to refuse
@@ -23,7 +25,8 @@ the end of its turn) and is freed before the defence loads it to train. An answe
 
 Cache: ``<cache>/refusals/<key>/generations.jsonl``, one entry per prompt, the key being what
 decides the greedy text: the model's fingerprint, the mode (and its instruction), the prompt
-format, the chat template, ``max_new_tokens``, the device type and the dtype. A build that adds
+format, the chat template, ``max_new_tokens``, the device type, the dtype, the batch size and the
+torch and transformers versions. A build that adds
 prompts generates only those. The file is rewritten atomically after every batch under a cache
 lock, so an interrupted build keeps what it generated and two processes never generate the same
 entry twice (the second waits, then reads). The judge is not part of the key: the cached texts are
@@ -50,6 +53,8 @@ from typing import Any
 import numpy as np
 
 from immunize.errors import ImmunizeError
+from immunize.judges.gate import DEFAULT_THRESHOLD as GATE_THRESHOLD
+from immunize.judges.gate import refusal_gate
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +96,7 @@ class RefusalSettings:
     fallback: tuple[str, ...] = ("topical",)
     judge: str = "refusal"
     judge_fallback: str | None = "keyword-refusal"
-    threshold: float | None = None  # None: the judge's own
+    threshold: float = GATE_THRESHOLD  # the refusal gate's: the opening window's refusal score
     max_new_tokens: int = 64
     batch_size: int = 16
     on_topic_encoder: str | None = "minilm"  # None: no on-topic score
@@ -99,7 +104,7 @@ class RefusalSettings:
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ImmunizeError(f"--refusals {self.source!r}: use one of {', '.join(SOURCES)}")
-        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+        if not 0.0 < self.threshold <= 1.0:
             raise ImmunizeError(f"--refusal_threshold {self.threshold}: must be in (0, 1]")
         for option, value in (("--refusal_max_new_tokens", self.max_new_tokens),
                               ("--refusal_batch_size", self.batch_size)):
@@ -222,6 +227,9 @@ class _Answerer:
         return device, choose_dtype(self.spec.dtype, device)
 
     def cache_key(self, mode: str) -> dict[str, Any]:
+        import torch
+        import transformers
+
         from immunize.models import model_fingerprint
 
         device, dtype = self.placement()
@@ -231,7 +239,10 @@ class _Answerer:
                 "prompt_format": self.spec.prompt_format,
                 "chat_template": hashlib.sha256(str(template).encode()).hexdigest()[:16] if template else None,
                 "max_new_tokens": self.settings.max_new_tokens, "device": device.type,
-                "dtype": str(dtype).removeprefix("torch.")}
+                "dtype": str(dtype).removeprefix("torch."),
+                # Left-padded batches of other compositions, or other kernels, can change a greedy text.
+                "batch_size": self.settings.batch_size,
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
 
     def generate(self, prompts: list[str], mode: str, cache: GenerationCache, stored: dict[str, dict]) -> None:
         """Answer ``prompts`` a batch at a time, longest first, writing the cache after each batch."""
@@ -286,13 +297,16 @@ def generated_refusals(prompts: list[str], mode: str, answerer: _Answerer) -> tu
     answers = {p: whole_sentences(stored[p]["text"]) for p in prompts}
     candidates = [p for p in prompts if answers[p]]
     judge = answerer.judge
-    threshold = judge.judge.threshold if answerer.settings.threshold is None else answerer.settings.threshold
-    scores = judge.judge.score(candidates, [answers[p] for p in candidates]) if candidates else []
-    kept = {p: answers[p] for p, score in zip(candidates, scores, strict=True) if score >= threshold}
+    threshold = answerer.settings.threshold
+    # The evaluation's refusal-gate rule: the opening refuses surely and no later window complies, so
+    # that "I can't help with that. But here is how ..." never becomes a stability target.
+    gate = refusal_gate(judge.judge.score, candidates, [answers[p] for p in candidates], threshold)
+    kept = {p: answers[p] for p, gated in zip(candidates, gate.gated, strict=True) if gated}
     return kept, {"generated": len(missing), "from_cache": len(prompts) - len(missing),
                   "cut_at_max_new_tokens": sum(not stored[p]["stopped"] for p in prompts),
                   "empty": len(prompts) - len(candidates), "judged_refusals": len(kept),
-                  "threshold": float(threshold), "cache": str(cache.directory)}
+                  "threshold": float(threshold), "later_threshold": gate.later_threshold,
+                  "cache": str(cache.directory)}
 
 
 # ---- on-topic-ness ------------------------------------------------------------------------------

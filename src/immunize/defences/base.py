@@ -27,6 +27,10 @@ SHARED_OPTIONS = ("data_root", "prompt_format", "max_length", "seed", "dtype", "
 class DefenceArguments(ImmunizeTrainingArguments):
     """Options every defence shares (``SHARED_OPTIONS``), on top of the training plumbing."""
 
+    # Options of a method that only measure or report (never change what it computes): left out of
+    # the run identity (``immunize.method_runner.config_identity``).
+    not_identity: ClassVar[frozenset[str]] = frozenset()
+
     held_out_categories: list[str] = field(default_factory=list, metadata={
         "help": "BeaverTails categories kept out of the defence data (generalization tests); space-separated "
                 "names as in immunize.data.CATEGORIES (several contain commas, so this is a list)"})

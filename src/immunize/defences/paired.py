@@ -26,11 +26,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from immunize.data import HarmfulPair
-from immunize.data.paired_refusals import FALLBACKS, SOURCES, ModelSpec, Refusals, RefusalSettings, parse_fallback
+from immunize.data.paired_refusals import (
+    FALLBACKS,
+    GATE_THRESHOLD,
+    SOURCES,
+    ModelSpec,
+    Refusals,
+    RefusalSettings,
+    parse_fallback,
+)
 from immunize.defences.base import DefenceArguments, DefenceData
 from immunize.errors import ImmunizeError
 from immunize.prompts import IGNORE_INDEX, encode
@@ -117,6 +126,8 @@ class PairedCollator:
 class RefusalArguments(DefenceArguments):
     """Options of the defences that train on refusals of the defence split's harmful questions."""
 
+    not_identity: ClassVar[frozenset[str]] = frozenset({"on_topic_encoder"})  # scores them, never changes them
+
     refusals: str = field(default="own", metadata={
         "help": f"where each question's refusal comes from ({', '.join(SOURCES)}): own = the model's own greedy "
                 "answer to the plain question, kept when --refusal_judge says it refuses (the RepNoise paper's "
@@ -129,8 +140,9 @@ class RefusalArguments(DefenceArguments):
     refusal_judge: str = field(default="refusal", metadata={"help": "judge deciding which answers are refusals"})
     refusal_judge_fallback: str | None = field(default="keyword-refusal", metadata={
         "help": "judge used (and recorded in the data summary) if --refusal_judge cannot be loaded"})
-    refusal_threshold: float | None = field(default=None, metadata={
-        "help": "refusal score an answer needs to be kept (unset: the judge's own threshold)"})
+    refusal_threshold: float = field(default=GATE_THRESHOLD, metadata={
+        "help": "an own/instructed answer is kept when the refusal judge scores its opening this high and no "
+                "later window of it complies (the evaluation's refusal-gate rule, immunize.judges.gate)"})
     refusal_max_new_tokens: int = field(default=64, metadata={
         "help": "tokens a generated refusal may take (an answer cut there is trimmed to its last sentence)"})
     refusal_batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})

@@ -56,23 +56,25 @@ E[log1p(Â)] ≤ log1p(A): the sampled ascent term, and its gradient ∇Â/(1 + 
 exact lens) and vanishes for ``ascent_form=linear``; ``benchmarks/bench_repnoise_lens.py`` measures
 it next to the step-time saving. k ≥ n − 1 reads every read-out: the exact lens.
 
-Per-term diagnostics (``--term_grad_norms``, on by default). The logs carry, as means over the
-micro-steps since the last log, ``stability``, ``noise``, ``ascent`` (the lens mean A, or Â) and
-``harmful_ce`` (the ascent read at the output layer). On the first micro-batch of the first step,
-of every logging step and of the last step, they also carry the gradient norm of each term's
-weighted contribution to the loss (stability, β·noise, −α·f(ascent)) with respect to the decoder
-layers' trainable parameters: ``grad_norm_<term>_last`` (the last decoder layer's), ``_layers``
-(Σ_l ‖g_l‖, the sum of the per-layer norms) and ``_all`` (‖g‖ over all decoder layers together).
-The embeddings, the final norm and the LM head are left out: the noise term never reaches the
-head, and with tied embeddings (SmolLM2) the embedding matrix *is* the head, whose gradient is
-dominated by what is read through it (the stability CE and every lens read-out), not by what the
-terms do to the layers the defence is meant to change. Each norm is one ``torch.autograd.grad`` of one term
-with respect to those parameters (up to three extra backward passes on a measured step, with the
-layers' recomputation under activation checkpointing): it accumulates nothing into ``.grad``, so
-training is unchanged, and, since ``autograd.grad`` with explicit inputs runs no ``AccumulateGrad``
-node, it never fires the gradient hooks DDP all-reduces with. Under DDP each rank measures its own
-micro-batch and the log shows rank 0's; under FSDP and DeepSpeed (sharded parameters, whose own
-backward hooks would run) nothing is measured.
+Per-term diagnostics (``--term_grad_norm_steps N``, 50 by default, 0 off). The logs carry, as means
+over the micro-steps since the last log, ``stability``, ``noise``, ``ascent`` (the lens mean A, or Â)
+and ``harmful_ce`` (the ascent read at the output layer). On the first micro-batch of the first step,
+of every N-th step and of the last step (each such step is logged), they also carry the gradient norm
+of each term's weighted contribution to the loss (stability, β·noise, −α·f(ascent)) with respect to
+the decoder layers' trainable parameters: ``grad_norm_<term>_last`` (the last decoder layer's),
+``_layers`` (Σ_l ‖g_l‖, the sum of the per-layer norms) and ``_all`` (‖g‖ over all decoder layers
+together); and ``grad_norm_total``, the norm of the whole step's gradient (every micro-batch and
+trainable parameter, before the optimizer step; the Trainer logs its own only when it clips). The
+embeddings, the final norm and the LM head are left out of the per-term norms: the noise term never
+reaches the head, and with tied embeddings (SmolLM2) the embedding matrix *is* the head, whose
+gradient is dominated by what is read through it (the stability CE and every lens read-out), not by
+what the terms do to the layers the defence is meant to change. Each norm is one
+``torch.autograd.grad`` of one term with respect to those parameters (up to three extra backward
+passes on a measured step, with the layers' recomputation under activation checkpointing): it
+accumulates nothing into ``.grad``, so training is unchanged, and, since ``autograd.grad`` with
+explicit inputs runs no ``AccumulateGrad`` node, it never fires the gradient hooks DDP all-reduces
+with. Under DDP each rank measures its own micro-batch and the log shows rank 0's; under FSDP and
+DeepSpeed (sharded parameters, whose own backward hooks would run) nothing is measured.
 
 Paper defaults (``RepNoiseConfig``): α = 1, β = 0.001, lr 2e-5, batch 8 pairs, one epoch, AdamW without
 weight decay, cosine schedule with 10% warm-up, context 256 tokens, no gradient clipping (the
@@ -104,6 +106,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from functools import partial
+from typing import ClassVar
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -186,6 +189,8 @@ class RepNoiseConfig(RefusalArguments):
     context 256 tokens (``--max_length``), no gradient clipping (``--max_grad_norm 0``).
     """
 
+    not_identity: ClassVar[frozenset[str]] = RefusalArguments.not_identity | {"term_grad_norm_steps"}
+
     alpha: float = field(default=1.0, metadata={"help": "weight α of the ascent term −α·log(1 + ascent)"})
     beta: float = field(default=0.001, metadata={"help": "weight β of the noise (MMD) term"})
     activations: str = field(default="mlp", metadata={
@@ -214,9 +219,9 @@ class RepNoiseConfig(RefusalArguments):
                 "drawn per step from --seed and the step, weighted to an unbiased estimate of the mean over "
                 "all read-outs; −log1p of it is biased (Jensen; see the module docstring). 0: every read-out, "
                 "exact (the paper)"})
-    term_grad_norms: bool = field(default=True, metadata={
-        "help": "log each term's gradient norm at the last decoder layer and over all layers, on the first, "
-                "the logging and the last steps; costs up to 3 extra backward passes on those steps, "
+    term_grad_norm_steps: int = field(default=50, metadata={
+        "help": "log each term's gradient norm at the last decoder layer and over all layers on the first step, "
+                "the last and every N-th (0: never); costs up to 3 extra backward passes on those steps, "
                 "changes no result"})
 
     learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate (paper: 2e-5)"})
@@ -249,6 +254,8 @@ class RepNoiseConfig(RefusalArguments):
             raise ImmunizeError("--mmd_kernels must be >= 1 and --mmd_multiplier > 0")
         if self.lens_chunk_tokens < 0:
             raise ImmunizeError("--lens_chunk_tokens must be >= 0")
+        if self.term_grad_norm_steps < 0:
+            raise ImmunizeError(f"--term_grad_norm_steps {self.term_grad_norm_steps}: must be >= 0 (0: never)")
         if self.lens_sampled_readouts < 0:
             raise ImmunizeError(f"--lens_sampled_readouts {self.lens_sampled_readouts}: must be >= 0 (0: exact lens)")
         if self.layers.strip() != "all":
@@ -536,11 +543,21 @@ def term_grad_norms(parts: dict[str, torch.Tensor], layers: list[list[torch.nn.P
 
 
 class _LogMeasuredSteps(TrainerCallback):
-    """Makes a step whose term gradients were measured a logging step (the first step, when
-    ``--logging_steps`` is larger), so that each measurement lands in its own step's log."""
+    """On a step whose term gradients were measured: the norm of the whole step's gradient (all
+    micro-batches, all trainable parameters, before the optimizer step; the Trainer logs its own
+    ``grad_norm`` only when it clips), and a log at the end of the step, so that each measurement
+    lands in its own step's log whatever ``--logging_steps`` is."""
 
     def __init__(self, trainer: RepNoiseTrainer):
         self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        norms = self.trainer._grad_norms
+        if norms:
+            squares = [p.grad.detach().float().pow(2).sum() for p in self.trainer.model.parameters()
+                       if p.grad is not None]
+            norms["grad_norm_total"] = torch.stack(squares).sum().sqrt().item() if squares else 0.0
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer._grad_norms:
@@ -563,9 +580,10 @@ class RepNoiseTrainer(Trainer):
         # Sharded parameters are gathered and reduced by the engine's own backward hooks, which an
         # extra autograd.grad would run (see the module docstring).
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
-        self.measures_grad_norms = self.args.term_grad_norms and not sharded
-        if self.args.term_grad_norms and sharded:
-            log.warning("--term_grad_norms: not measured under FSDP or DeepSpeed (sharded parameters)")
+        every = self.args.term_grad_norm_steps
+        self.measures_grad_norms = bool(every) and not sharded
+        if every and sharded:
+            log.warning("--term_grad_norm_steps: not measured under FSDP or DeepSpeed (sharded parameters)")
         self.add_callback(_LogMeasuredSteps(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -587,13 +605,12 @@ class RepNoiseTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _measures_this_micro_batch(self) -> bool:
-        """The first micro-batch of the first step, of each logging step and of the last step."""
+        """The first micro-batch of the first step, of every ``--term_grad_norm_steps``-th and of the last."""
         step = self.state.global_step
         if not self.measures_grad_norms or step == self._grad_norms_step:
             return False
         upcoming = step + 1  # the step number its log will carry
-        every = self.state.logging_steps if self.args.logging_strategy == "steps" else 0
-        return upcoming == 1 or upcoming >= self.state.max_steps or bool(every and upcoming % every == 0)
+        return upcoming == 1 or upcoming >= self.state.max_steps or upcoming % self.args.term_grad_norm_steps == 0
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # training logs carry the mean of each term since the last log

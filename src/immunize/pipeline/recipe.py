@@ -361,7 +361,10 @@ def _seed_replicates(raw: Any) -> list[Any]:
         return [raw]
     raw = dict(raw)
     value, label = raw.pop("seeds"), str(raw.get("label", ""))
-    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    if not isinstance(value, (list, str)):  # "seeds: 3" could mean seed 3 or three replicates
+        raise ImmunizeError(f"--defences.{label}.seeds: expected a list of seeds, e.g. seeds: [1, 2, 3]; "
+                            f"got {value!r}")
+    items = value.split(",") if isinstance(value, str) else value
     try:
         seeds = [int(str(s).strip()) for s in items]
     except ValueError:

@@ -31,7 +31,8 @@ LABELS = {
     **{f"grad_norm_{term}_{place}": f"‖∇ {weight}‖ {where}"
        for term, weight in (("stability", "stability"), ("noise", "β·noise"), ("ascent", "−α·f(ascent)"))
        for place, where in GRAD_PLACES.items()},
-    "grad_norm": "‖∇ loss‖ over every trained parameter",
+    "grad_norm_total": "‖∇ loss‖ of the whole step over every trained parameter",
+    "grad_norm": "‖∇ loss‖ over every trained parameter (before clipping)",
 }
 
 
