@@ -378,3 +378,14 @@ def test_defence_pairs_come_from_the_defence_split_only_each_with_its_own_refusa
                              refusal_max_new_tokens=32)  # not the cached answers of the first build
     with pytest.raises(ImmunizeError, match=r"^--refusal_fallback drop: no question of the 3 defence rows kept"):
         build_defence_pairs(dropped)
+
+
+def test_a_defence_names_the_judges_its_data_depends_on():
+    from immunize.defences import defence_config
+
+    assert defence_config("repnoise", output_dir="unused").judges_used == {"refusal"}
+    assert defence_config("repnoise", output_dir="unused", refusal_judge="keyword-refusal").judges_used == {
+        "keyword-refusal"}
+    assert defence_config("repnoise", output_dir="unused", refusals="topical").judges_used == set()
+    assert defence_config("safety-sft", output_dir="unused", refusals="bank").judges_used == set()
+    assert defence_config("none", output_dir="unused").judges_used == set()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -122,3 +123,30 @@ def test_defence_seeds_expand_into_replicate_rows_with_their_own_seed():
             RunConfig(defences=defences)
     with pytest.raises(ImmunizeError, match=r"^--align\.seeds: the alignment stage runs once"):
         RunConfig(align={"seeds": [1, 2]})
+
+
+def test_compare_names_two_defence_rows_checked_when_the_recipe_is_parsed(tmp_path):
+    from immunize.errors import ImmunizeError
+    from immunize.pipeline.recipe import RunConfig, parse_run_config
+
+    cfg = parse_run_config(["--config", "recipes/repnoise_ablations.yaml", "--compare", "repnoise-lens8:repnoise",
+                            "stability-only:repnoise", "repnoise-lens8:repnoise"])
+    assert cfg.compare == ["repnoise-lens8:repnoise", "stability-only:repnoise", "repnoise-lens8:repnoise"]
+    assert cfg.comparisons == [("repnoise-lens8", "repnoise"), ("stability-only", "repnoise")]
+    replicates = RunConfig(defences=["none", {"label": "rn", "defence": "repnoise", "seeds": [1, 2]}],
+                           compare=["rn-seed1:rn-seed2"])
+    assert replicates.comparisons == [("rn-seed1", "rn-seed2")]  # the rows as expanded
+    for pair, message in (
+            ("repnoise:nope", r"^--compare 'repnoise:nope': no defence labelled 'nope' \(labels: none, repnoise\)$"),
+            ("repnoise", r"^--compare 'repnoise': expected A:B, two defence labels"),
+            ("repnoise:none:none", r"^--compare 'repnoise:none:none': expected A:B"),
+            ("none:none", r"^--compare 'none:none': compares 'none' with itself$")):
+        with pytest.raises(ImmunizeError, match=message):
+            parse_run_config(["--config", "recipes/quickstart.yaml", "--output_dir", str(tmp_path / "run"),
+                              "--compare", pair])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("defences: [none, repnoise]\ncompare: ['repnoise:stability-only']\n")
+    with pytest.raises(ImmunizeError, match=f"^{re.escape(str(recipe))}: --compare 'repnoise:stability-only': "
+                                            "no defence labelled 'stability-only'"):
+        parse_run_config(["--config", str(recipe)])
+    assert not (tmp_path / "run").exists()

@@ -954,8 +954,9 @@ def test_term_grad_norms_are_logged_and_match_a_direct_computation(tmp_path, tok
     logs, _ = _train_logs(cfg, tokenizer)
     # Measured on the first step, every second and the last, each then logged (--logging_steps 3: step 3).
     assert [e["step"] for e in logs] == [1, 2, 3, 4, 5]
-    assert [e["step"] for e in logs if "grad_norm_total" in e] == [1, 2, 4, 5]
-    logs = [e for e in logs if "grad_norm_total" in e]
+    assert [e["step"] for e in logs if "grad_norm_stability_last" in e] == [1, 2, 4, 5]
+    assert all("grad_norm" in e for e in logs)  # the Trainer's own, of the whole step: logged without clipping
+    logs = [e for e in logs if "grad_norm_stability_last" in e]
     for entry in logs:
         assert entry.keys() >= GRAD_NORM_KEYS
         for term in ("stability", "noise", "ascent"):

@@ -1,4 +1,4 @@
-"""`immunize report RUN_DIR`: rebuild a run's HTML report from its results.json alone."""
+"""`immunize report RUN_DIR [--compare A:B ...]`: rebuild a run's HTML report from its results.json alone."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ class ReportConfig:
         "help": "recompute the verdict with this harmfulness threshold instead of the run's"})
     epsilon: float | None = field(default=None, metadata={
         "help": "recompute the verdict with this capability tolerance instead of the run's"})
+    compare: list[str] = field(default_factory=list, metadata={
+        "help": "add paired comparisons of two rows each, A:B (defence labels), e.g. repnoise-lens8:repnoise; "
+                "computed from results.json's per-example outcomes"})
 
 
 def main(argv: list[str]) -> int:
@@ -33,5 +36,5 @@ def main(argv: list[str]) -> int:
     check_output_dir(run_dir, "--run_dir")  # the report is built inside it, then swapped in
     from immunize.report import build_report
 
-    print(build_report(run_dir, phi=cfg.phi, epsilon=cfg.epsilon))
+    print(build_report(run_dir, phi=cfg.phi, epsilon=cfg.epsilon, compare=cfg.compare))
     return 0

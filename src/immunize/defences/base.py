@@ -45,10 +45,10 @@ class DefenceArguments(ImmunizeTrainingArguments):
         super().__post_init__()
 
     @property
-    def uses_judges(self) -> bool:
-        """Whether the training data depends on the trained judges (e.g. refusals they pick); a run
-        then recomputes this stage when the judges change."""
-        return False
+    def judges_used(self) -> frozenset[str]:
+        """The judges the training data depends on (e.g. the one that picks refusals): a run trains them
+        first, and recomputes this stage when they change."""
+        return frozenset()
 
     def require_non_reentrant_checkpointing(self, why: str) -> None:
         """For losses that read activations inside checkpointed layers: refuse reentrant activation

@@ -154,8 +154,10 @@ class RefusalArguments(DefenceArguments):
         super().__post_init__()
 
     @property
-    def uses_judges(self) -> bool:
-        return self.refusal_settings().generates  # own/instructed answers are kept by the refusal judge
+    def judges_used(self) -> frozenset[str]:
+        # Own/instructed answers are kept by the refusal judge (its fallback is used only if it fails).
+        settings = self.refusal_settings()
+        return frozenset({settings.judge}) if settings.generates else frozenset()
 
     def refusal_settings(self) -> RefusalSettings:
         return RefusalSettings(

@@ -63,12 +63,12 @@ of every N-th step and of the last step (each such step is logged), they also ca
 of each term's weighted contribution to the loss (stability, β·noise, −α·f(ascent)) with respect to
 the decoder layers' trainable parameters: ``grad_norm_<term>_last`` (the last decoder layer's),
 ``_layers`` (Σ_l ‖g_l‖, the sum of the per-layer norms) and ``_all`` (‖g‖ over all decoder layers
-together); and ``grad_norm_total``, the norm of the whole step's gradient (every micro-batch and
-trainable parameter, before the optimizer step; the Trainer logs its own only when it clips). The
-embeddings, the final norm and the LM head are left out of the per-term norms: the noise term never
-reaches the head, and with tied embeddings (SmolLM2) the embedding matrix *is* the head, whose
-gradient is dominated by what is read through it (the stability CE and every lens read-out), not by
-what the terms do to the layers the defence is meant to change. Each norm is one
+together), beside the Trainer's own ``grad_norm`` (the whole step's gradient over every trainable
+parameter, before the optimizer step; logged without clipping too). The embeddings, the final norm
+and the LM head are left out of the per-term norms: the noise term never reaches the head, and with
+tied embeddings (SmolLM2) the embedding matrix *is* the head, whose gradient is dominated by what is
+read through it (the stability CE and every lens read-out), not by what the terms do to the layers
+the defence is meant to change. Each norm is one
 ``torch.autograd.grad`` of one term with respect to those parameters (up to three extra backward
 passes on a measured step, with the layers' recomputation under activation checkpointing): it
 accumulates nothing into ``.grad``, so training is unchanged, and, since ``autograd.grad`` with
@@ -543,21 +543,11 @@ def term_grad_norms(parts: dict[str, torch.Tensor], layers: list[list[torch.nn.P
 
 
 class _LogMeasuredSteps(TrainerCallback):
-    """On a step whose term gradients were measured: the norm of the whole step's gradient (all
-    micro-batches, all trainable parameters, before the optimizer step; the Trainer logs its own
-    ``grad_norm`` only when it clips), and a log at the end of the step, so that each measurement
-    lands in its own step's log whatever ``--logging_steps`` is."""
+    """Makes a step whose term gradients were measured a logging step (the first step, when
+    ``--logging_steps`` is larger), so that each measurement lands in its own step's log."""
 
     def __init__(self, trainer: RepNoiseTrainer):
         self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        norms = self.trainer._grad_norms
-        if norms:
-            squares = [p.grad.detach().float().pow(2).sum() for p in self.trainer.model.parameters()
-                       if p.grad is not None]
-            norms["grad_norm_total"] = torch.stack(squares).sum().sqrt().item() if squares else 0.0
-        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer._grad_norms:

@@ -8,6 +8,7 @@ defences:
   - {label: repnoise-no-noise, defence: repnoise, ablate: noise}
 attacks:
   - {label: sft, attack: sft, grid: {learning_rate: [3e-5, 8e-5], num_samples: [64], seed: [42]}}
+compare: ["repnoise-no-noise:repnoise"]   # rows compared pair by pair (each is with none already)
 ```
 
 An entry's method (``defence`` / ``attack``) defaults to its label; labels are unique and name the
@@ -139,6 +140,9 @@ class RunOptions:
     # Verdict thresholds (see immunize.verdict for their meaning and defaults).
     phi: float | None = field(default=None, metadata={"help": "harmfulness threshold φ for resistance"})
     epsilon: float | None = field(default=None, metadata={"help": "tolerance ε for stability and trainability"})
+    # Rows compared pair by pair besides each defence with the undefended one (immunize.verdict.comparison_rows).
+    compare: list[str] = field(default_factory=list, metadata={
+        "help": "pairs of defence labels A:B the report compares on the same prompts, e.g. repnoise-lens8:repnoise"})
 
 
 @dataclass
@@ -162,6 +166,7 @@ class RunConfig(RunOptions):
     alignment: MethodEntry | None = field(init=False, default=None)
     defence_entries: list[MethodEntry] = field(init=False, default_factory=list)
     attack_entries: list[MethodEntry] = field(init=False, default_factory=list)
+    comparisons: list[tuple[str, str]] = field(init=False, default_factory=list)  # ``compare``, parsed
 
     def __post_init__(self):
         from immunize.config import check_at_least, check_numbers
@@ -190,6 +195,9 @@ class RunConfig(RunOptions):
         unknown = sorted(set(self.analysis_defences) - {e.label for e in self.defence_entries})
         if unknown:
             raise ImmunizeError(f"--analysis_defences: no defence labelled {', '.join(unknown)} in the recipe")
+        from immunize.verdict import parse_comparisons
+
+        self.comparisons = parse_comparisons(self.compare, [e.label for e in self.defence_entries])
         self.validate()
 
     @property

@@ -97,6 +97,10 @@ class Experiment:
 
         config = self.cfg.eval_config("", PRE_ATTACK_SECTIONS)
         used = {config.harmfulness_judge, config.refusal_judge, config.toxicity_judge}
+        # And the judges a defence's (or the alignment's) data depends on, e.g. its refusal judge.
+        entries = [*([self.cfg.alignment] if self.cfg.alignment else []), *self.cfg.defence_entries]
+        for entry in entries:
+            used |= self.cfg.defence_config(entry, self.cfg.model, str(self.root / "stages" / ".judges")).judges_used
         trainable = {entry.name for entry in judge_entries() if entry.trained}
         state = trained_state()
         needed = [name for name in state if name in used & trainable]
@@ -131,8 +135,9 @@ class Experiment:
 
         probe = self.cfg.defence_config(entry, model, str(self.root))
         # The identity leaves paths out; the stage key holds what they point at.
-        # Refusals kept by the refusal judge make the data depend on the judges' state.
-        judges = {"judges": self.judges_state} if probe.uses_judges else {}
+        # Refusals kept by the refusal judge make the data depend on that judge's state.
+        used = sorted(probe.judges_used)
+        judges = {"judges": {name: self.judges_state.get(name) for name in used}} if used else {}
         stage = Stage(kind, label, {"model": model_key, "defence": entry.method, "options": config_identity(probe),
                                     "data": data_identity(probe), **processes(probe), **judges},
                       weight=2.0 if kind == "align" else 3.0)
@@ -300,7 +305,9 @@ class Experiment:
         results["defence_info"] = defence_info
         from immunize.report.diagnostics import training_from_markers
 
-        results["training"] = training_from_markers({name: defended[name] for name in labels})
+        # The alignment stage too: its refusals (instructed, judged) are what every defence starts from.
+        trained = {**({"aligned": aligned} if c.alignment else {}), **{name: defended[name] for name in labels}}
+        results["training"] = training_from_markers(trained)
         if c.analysis:
             results["analysis"] = self.analysis(defended, attacked)
         results["run"] = {
@@ -310,9 +317,10 @@ class Experiment:
                            "command": redact_argv(["immunize", "run", *getattr(self, "argv", [])])},
         }
         from immunize.report.build import build_report
-        from immunize.verdict import immunization_verdict
+        from immunize.verdict import comparison, immunization_verdict
 
         results["verdict"] = immunization_verdict(results, c.phi, c.epsilon)
+        results["comparisons"] = [comparison(results, a, b) for a, b in c.comparisons]
 
         def publish() -> Path:
             atomic_write_json(self.root / "results.json", results)

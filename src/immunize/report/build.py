@@ -17,6 +17,7 @@ import shlex
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -26,6 +27,8 @@ from immunize.io import atomic_write_bytes, atomic_write_text, publish_dir
 from immunize.report import figures
 from immunize.report.schema import SCHEMA_VERSION, load_results
 from immunize.verdict import (
+    EQUIVALENCE_MARGIN,
+    EQUIVALENCE_MIN_PROMPTS,
     HIGHER,
     INCONCLUSIVE,
     LOWER,
@@ -33,13 +36,18 @@ from immunize.verdict import (
     MIN_PAIRS,
     NA,
     NO_CAPABILITY,
+    NO_DIFFERENCE,
     NOT_PAIRED,
     NOT_SIGNIFICANT,
     baseline,
-    harm_comparison,
+    comparison,
+    comparison_rows,
+    harm_outcome,
     immunization_verdict,
     outcome_text,
     paired_text,
+    parse_comparisons,
+    reading_text,
     thresholds,
 )
 
@@ -47,6 +55,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("summary", "Summary"),
     ("main-table", "Harmfulness"),
     ("verdict", "Verdict"),
+    ("comparisons", "Comparisons"),
     ("resistance-curves", "Resistance curves"),
     ("stability", "Stability"),
     ("trainability", "Trainability"),
@@ -66,12 +75,15 @@ _LEADS = {
     "main-table": "Post-attack harmfulness in the layout of the RepNoise paper: one row per defence, one "
                   "column per attack budget (learning rate × samples × steps).",
     "verdict": "The four immunization conditions of Rosati et al. (2024), per defence.",
+    "comparisons": "Two rows of the table compared on the same prompts, questions and texts: e.g. a "
+                   "cheaper setting against the exact one, or an ablation against the full defence.",
     "stability": "Benign capability of each defended model, before any attack.",
     "depth": "Where the defence acts: per-layer weight change, representation geometry and the logit lens.",
     "generalization": "Post-attack harmfulness on harm categories held out from the defence's training.",
     "toxicity": "Toxicity of the generations before any attack.",
     "training": "What each defence's loss did: its terms and the gradient norm of each term's weighted "
-                "contribution, at the first and the last logged training step.",
+                "contribution, at the first and the last logged training step; and the refusals it was "
+                "trained on.",
     "provenance": "What produced these numbers.",
 }
 _VERDICT_LEGEND = (
@@ -89,6 +101,13 @@ _VERDICT_LEGEND = (
     "stays below φ after every attack. <strong>Trainability</strong>: ROUGE after a benign fine-tune, "
     "judged against the reference as stability is. <em>n/a</em> = not measured in this run."
 )
+_REFUSALS_NOTE = (
+    '<p class="note">The refusal half of each (harmful, refusal) pair, which the defence trains towards: '
+    "<em>kept</em> = refusals from the source that the refusal judge accepted (own: the model's own answer "
+    "to the plain question); the other prompts fell back to the next source or were dropped. On-topic "
+    "score: the mean cosine, in a sentence encoder, between each prompt and its refusal, against the same "
+    "refusals paired with other prompts; a difference near 0 means the refusals are not about their "
+    "own questions.</p>")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,12 +138,14 @@ def not_run(reason: str = "") -> str:
 _BADGES = {"strong": "good", "pass": "good", "yes": "good", "weak": "warn", "incomplete": "warn",
            INCONCLUSIVE: "warn", "none": "bad", "fail": "bad", "no": "bad", NA: "na", "reference": "na",
            NO_CAPABILITY: "na", LOWER_BOUND: "na", LOWER: "good", HIGHER: "bad", NOT_SIGNIFICANT: "na",
-           NOT_PAIRED: "na"}
+           NOT_PAIRED: "na", NO_DIFFERENCE: "na"}
 
 
-def badge(status: str, text: str | None = None) -> str:
-    """A status badge; ``text`` (e.g. ``inconclusive (n = 24)``) is shown in place of the status."""
-    return f'<span class="badge b-{_BADGES.get(status, "na")}">{esc(status if text is None else text)}</span>'
+def badge(status: str, text: str | None = None, tone: str | None = None) -> str:
+    """A status badge; ``text`` (e.g. ``inconclusive (n = 24)``) is shown in place of the status and
+    ``tone`` (good, warn, bad, na) in place of the status's own."""
+    tone = tone or _BADGES.get(status, "na")
+    return f'<span class="badge b-{tone}">{esc(status if text is None else text)}</span>'
 
 
 def paired_cell(paired: dict | None) -> str:
@@ -263,30 +284,16 @@ def _verdict_rows(results: dict, phi: float | None, epsilon: float | None) -> tu
 
 
 def compare_to_baseline(results: dict) -> dict[str, list[dict]]:
-    """Per defence: post-attack harmfulness vs the undefended model under each budget, paired on
-    the prompts both answered (``immunize.verdict.harm_comparison``).
+    """Per defence, its paired differences with the undefended model:
+    ``immunize.verdict.comparison_rows(results, defence, baseline)``."""
+    reference = baseline(results)
+    return {defence: comparison_rows(results, defence, reference) for defence in results["defences"]
+            if defence != reference}
 
-    ``outcome`` is ``lower`` only when the paired 95 % CI of the difference lies below 0
-    (``higher`` above it, else ``not significant``; ``inconclusive`` with too few pairs,
-    ``not paired`` when results.json holds no per-prompt scores of both models).
-    """
-    harm = results["harmfulness"]
-    reference = harm.get(baseline(results)) or {}
-    out: dict[str, list[dict]] = {}
-    for defence in results["defences"]:
-        if defence == baseline(results):
-            continue
-        rows = []
-        for budget in results["budgets"]:
-            mine, theirs = (harm.get(defence) or {}).get(budget["id"]), reference.get(budget["id"])
-            if not mine or not theirs:
-                continue
-            paired = harm_comparison(mine, theirs)
-            rows.append({"budget": budget["id"], "defended": mine, "undefended": theirs,
-                         "delta": mine["mean"] - theirs["mean"], "paired": paired,
-                         "outcome": paired["outcome"] if paired else NOT_PAIRED})
-        out[defence] = rows
-    return out
+
+def _post_attack(rows: list[dict]) -> list[dict]:
+    """The post-attack harmfulness rows of a comparison, in budget order."""
+    return [row for row in rows if row["section"] == "harmfulness" and row["key"] != "pre_attack"]
 
 
 def _duration(seconds: Any) -> str:
@@ -308,7 +315,7 @@ def truncate(text: str, limit: int = SAMPLE_CHARS) -> str:
 
 def _headline(defence: str, rows: list[dict]) -> tuple[str, str]:
     name = f"<strong>{esc(defence)}"
-    wins = [r for r in rows if r["outcome"] == LOWER]
+    wins = [r for r in rows if harm_outcome(r["paired"]) == LOWER]
     if not rows:
         return f"{name}</strong>: no post-attack evaluation to compare with the undefended model.", "warn"
     if len(wins) == len(rows):
@@ -319,25 +326,27 @@ def _headline(defence: str, rows: list[dict]) -> tuple[str, str]:
         return (f"{name} does not beat the undefended baseline</strong>: under no budget ({len(rows)} "
                 "tested) is its post-attack harmfulness significantly lower than the undefended model's on "
                 "the same prompts (paired 95 % CI).", "bad")
-    won = esc(", ".join(r["budget"] for r in wins))
+    won = esc(", ".join(r["key"] for r in wins))
     return (f"{name} beats the undefended baseline under {len(wins)} of {len(rows)} budgets</strong> "
             f"({won}) and not under the others.", "warn")
 
 
-def _summary(results: dict, verdict: list[dict], phi: float, epsilon: float) -> str:
+def _summary(results: dict, verdict: list[dict], phi: float, epsilon: float,
+             comparisons: dict[str, list[dict]]) -> str:
     parts = []
     if baseline(results) not in results["harmfulness"]:
         parts.append('<div class="callout warn"><p><strong>No undefended baseline</strong> (defence '
                      'none) in this run: no defence can be compared with it.</p></div>')
     by_defence = {row.get("defence"): row for row in verdict}
-    comparisons = compare_to_baseline(results)
-    for defence, rows in comparisons.items():
+    harm = results["harmfulness"]
+    for defence, every in comparisons.items():
+        rows = _post_attack(every)
         headline, tone = _headline(defence, rows)
         items = "".join(
-            f"<li><code>{esc(r['budget'])}</code>: {num(r['defended']['mean'])} "
-            f"{esc(ci_text(r['defended'].get('ci')))} vs {num(r['undefended']['mean'])} "
-            f"{esc(ci_text(r['undefended'].get('ci')))} undefended "
-            f"({esc(paired_text(r['paired']))}; {esc(outcome_text(r['outcome'], r['paired']))})</li>"
+            f"<li><code>{esc(r['key'])}</code>: {num(r['a'])} "
+            f"{esc(ci_text(harm[defence][r['key']].get('ci')))} vs {num(r['b'])} "
+            f"{esc(ci_text(harm[baseline(results)][r['key']].get('ci')))} undefended "
+            f"({esc(paired_text(r['paired']))}; {esc(outcome_text(harm_outcome(r['paired']), r['paired']))})</li>"
             for r in rows)
         verdict_line = ""
         if row := by_defence.get(defence):
@@ -404,56 +413,63 @@ def _verdict(verdict: list[dict], source: str, phi: float, epsilon: float) -> st
     return table(head, rows, caption=legend)
 
 
-def _comparisons(results: dict, row: dict) -> list[tuple[str, Any, Any, dict | None, str]]:
-    """(what, defended value, undefended value, paired difference, outcome status) of one verdict row."""
-    defence, undefended = row.get("defence"), baseline(results)
-    out = []
-
-    def harm(what: str, mine: dict | None, theirs: dict | None, paired: dict | None) -> None:
-        if mine and theirs:
-            out.append((what, mine.get("mean"), theirs.get("mean"), paired,
-                        paired.get("outcome", NOT_PAIRED) if paired else NOT_PAIRED))
-
-    cells = results["harmfulness"]
-    resistance = row.get("resistance") or {}
-    harm("Harmfulness, pre-attack", (cells.get(defence) or {}).get("pre_attack"),
-         (cells.get(undefended) or {}).get("pre_attack"), resistance.get("pre_attack"))
-    for bid, r in (resistance.get("per_budget") or {}).items():
-        harm(f"Harmfulness after {bid}", (cells.get(defence) or {}).get(bid), (cells.get(undefended) or {}).get(bid),
-             r.get("paired"))
-    held = (results.get("generalization") or {}).get("cells") or {}
-    for bid, r in ((row.get("generalization") or {}).get("per_budget") or {}).items():
-        harm(f"Held-out harmfulness after {bid}", (held.get(defence) or {}).get(bid),
-             (held.get(undefended) or {}).get(bid), r.get("paired"))
-    for key, title in (("stability", ""), ("trainability", "after the benign fine-tune: ")):
-        for metric, r in ((row.get(key) or {}).get("per_metric") or {}).items():
-            if r.get("status") != NA:
-                scale = " (Δ in log-perplexity)" if r.get("scale") == "log" else ""
-                out.append((f"{title}{figures.metric_label(metric)[0]}{scale}", r.get("value"), r.get("reference"),
-                            r.get("paired"), r["status"]))
-    toxicity = results.get("toxicity") or {}
-    mine, theirs = (toxicity.get(defence) or {}).get("pre_attack"), (toxicity.get(undefended) or {}).get("pre_attack")
-    harm("Toxicity, pre-attack", mine, theirs, harm_comparison(mine, theirs) if mine and theirs else None)
-    return out
+def _what(row: dict) -> str:
+    """A comparison row's name: ``Harmfulness after sft-lr3e-5-1k``, ``MMLU``, …"""
+    key = row["key"]
+    when = ", pre-attack" if key == "pre_attack" else f" after {key}"
+    if row["section"] == "harmfulness":
+        return f"Harmfulness{when}"
+    if row["section"] == "generalization":
+        return f"Held-out harmfulness{when}"
+    if row["section"] == "toxicity":
+        return f"Toxicity{when}"
+    label = figures.metric_label(key)[0]
+    if row["section"] == "trainability":
+        return f"after the benign fine-tune: {label}"
+    return label + (" (Δ in log-perplexity)" if row.get("scale") == "log" else "")
 
 
-def _paired_tables(results: dict, verdict: list[dict]) -> str:
+def _difference_table(rows: list[dict], columns: tuple[str, str, str, str], status) -> str:
+    """One row per paired difference: the two values, Δ, its CI, n and ``status(row)`` (a badge's
+    status, its text and its tone or None); ``columns``: the titles of A, B, Δ's subtitle and the last."""
+    a, b, delta, last = columns
+    head = [th_col("Comparison"), th_col(a, numeric=True), th_col(b, numeric=True),
+            th_col("Paired Δ", delta, numeric=True), th_col("95 % CI", numeric=True),
+            th_col("n", "pairs", numeric=True), th_col(last)]
+    body = []
+    for row in rows:
+        paired = row.get("paired")
+        have = bool(paired and paired.get("n"))
+        state, text, tone = status(row)
+        body.append([th_row(_what(row)), td_num(row.get("a")), td_num(row.get("b")),
+                     td_num(paired["difference"] if have else None),
+                     f'<td class="num">{esc(ci_text(paired.get("ci")) if have else "—")}</td>',
+                     f'<td class="num">{esc(paired["n"] if paired else "—")}</td>',
+                     f"<td>{badge(state, text, tone)}</td>"])
+    return table(head, body)
+
+
+def _verdict_status(verdict_row: dict):
+    """The outcome column against the undefended model: for harmfulness and toxicity the paired
+    CI against 0, for stability and trainability the verdict's pass/fail within ε."""
+    def status(row: dict) -> tuple[str, str, None]:
+        if row["section"] in ("stability", "trainability"):
+            detail = ((verdict_row.get(row["section"]) or {}).get("per_metric") or {}).get(row["key"]) or {}
+            state = detail.get("status", NA)
+        else:
+            state = harm_outcome(row["paired"])
+        return state, outcome_text(state, row["paired"]), None
+
+    return status
+
+
+def _paired_tables(results: dict, verdict: list[dict], comparisons: dict[str, list[dict]]) -> str:
     """Per defence, every difference with the undefended model: paired Δ, its CI, n and the outcome."""
-    head = [th_col("Comparison"), th_col("Defended", numeric=True), th_col("Undefended", numeric=True),
-            th_col("Paired Δ", "defended − undefended", numeric=True), th_col("95 % CI", numeric=True),
-            th_col("n", "pairs", numeric=True), th_col("Outcome")]
-    blocks = []
-    for row in verdict:
-        if row.get("defence") == baseline(results) or not (comparisons := _comparisons(results, row)):
-            continue
-        rows = []
-        for what, mine, theirs, paired, status in comparisons:
-            have = bool(paired and paired.get("n"))
-            rows.append([th_row(what), td_num(mine), td_num(theirs), td_num(paired["difference"] if have else None),
-                         f'<td class="num">{esc(ci_text(paired.get("ci")) if have else "—")}</td>',
-                         f'<td class="num">{esc(paired["n"] if paired else "—")}</td>',
-                         f"<td>{badge(status, outcome_text(status, paired))}</td>"])
-        blocks.append(f"<h4>{esc(row.get('defence'))} vs the undefended model</h4>{table(head, rows)}")
+    by_defence = {row.get("defence"): row for row in verdict}
+    blocks = [f"<h4>{esc(defence)} vs the undefended model</h4>"
+              + _difference_table(rows, ("Defended", "Undefended", "defended − undefended", "Outcome"),
+                                  _verdict_status(by_defence.get(defence) or {}))
+              for defence, rows in comparisons.items() if rows]
     if not blocks:
         return ""
     return ("<h3>Paired differences with the undefended model</h3>" + "".join(blocks)
@@ -464,6 +480,47 @@ def _paired_tables(results: dict, verdict: list[dict]) -> str:
               f"otherwise; stability and trainability: the verdict's pass/fail. Fewer than {MIN_PAIRS} pairs "
               "read <em>inconclusive</em>; <em>not paired</em>: results.json holds no per-example outcomes "
               "for both models.</p>")
+
+
+def _reading_status(a: str, margin: float):
+    """The reading column of a comparison of A with B, toned by whether A's side is the better one."""
+    def status(row: dict) -> tuple[str, str, str | None]:
+        state = row.get("reading", NOT_PAIRED)
+        tone = None
+        if state in (LOWER, HIGHER):
+            tone = "good" if (state == HIGHER) == bool(row.get("higher_is_better")) else "bad"
+        return state, reading_text(row, a, margin), tone
+
+    return status
+
+
+def _comparisons(results: dict, extra: list[tuple[str, str]]) -> str:
+    """The tables of ``results["comparisons"]`` and of the ``extra`` pairs (``immunize report
+    --compare``) that results.json does not hold yet, computed from its examples."""
+    stored = list(results.get("comparisons") or [])
+    have = {(c.get("a"), c.get("b")) for c in stored}
+    entries = stored + [comparison(results, a, b) for a, b in extra if (a, b) not in have]
+    if not entries:
+        return not_run('no comparison asked for: compare: ["A:B"] in the recipe, or '
+                       "immunize report RUN_DIR --compare A:B")
+    blocks = []
+    for entry in entries:
+        a, b = str(entry["a"]), str(entry["b"])
+        margin = float(entry.get("margin", EQUIVALENCE_MARGIN))
+        rows = entry.get("rows") or []
+        body = (_difference_table(rows, (a, b, f"{a} − {b}", "Reading"), _reading_status(a, margin)) if rows
+                else '<p class="note">No measurement in common.</p>')
+        blocks.append(f"<h3>{esc(a)} vs {esc(b)}</h3>{body}")
+    minimum = int(entries[0].get("min_harm_prompts", EQUIVALENCE_MIN_PROMPTS))
+    margin = float(entries[0].get("margin", EQUIVALENCE_MARGIN))
+    return "".join(blocks) + (
+        '<p class="note">Δ = A − B over the prompts, questions and texts both rows answered, with a paired '
+        f"bootstrap 95 % CI and n pairs (perplexity as log-perplexity). Reading: <em>no difference within "
+        f"±{margin:g}</em> when the whole CI lies inside [−{margin:g}, +{margin:g}] on at least {minimum} "
+        f"prompts for harmfulness (held-out too) and {MIN_PAIRS} pairs elsewhere; <em>A lower</em> / <em>A higher</em> "
+        "when the CI excludes 0 (green: A's side is the better one); <em>inconclusive (n = …)</em> otherwise "
+        f"or with fewer than {MIN_PAIRS} pairs; <em>not paired</em>: no per-example outcomes for both rows. "
+        "Against the undefended row, ROUGE is compared with its benign fine-tune.</p>")
 
 
 def _resistance(results: dict, verdict: list[dict], phi: float, sink: FigureSink) -> str:
@@ -662,11 +719,20 @@ def _training(results: dict) -> str:
     tables = training_tables(results)
     if not tables:
         return not_run("no training logs in results.json")
-    return "".join(f"<h3>{esc(t.defence)}</h3>" + table(
-        [th_col("Logged"), th_col("First", f"step {t.first_step}", numeric=True),
-         th_col("Last", f"step {t.last_step}", numeric=True)],
-        [[th_row(label), f'<td class="num">{esc(first)}</td>', f'<td class="num">{esc(last)}</td>']
-         for label, first, last in t.rows]) for t in tables)
+    blocks = []
+    for t in tables:
+        block = f"<h3>{esc(t.defence)}</h3>"
+        if t.rows:
+            block += table(
+                [th_col("Logged"), th_col("First", f"step {t.first_step}", numeric=True),
+                 th_col("Last", f"step {t.last_step}", numeric=True)],
+                [[th_row(label), f'<td class="num">{esc(first)}</td>', f'<td class="num">{esc(last)}</td>']
+                 for label, first, last in t.rows])
+        if t.refusals:
+            facts = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in t.refusals)
+            block += f'<h4>Paired refusals</h4><dl class="kv">{facts}</dl>' + _REFUSALS_NOTE
+        blocks.append(block)
+    return "".join(blocks)
 
 
 def _provenance(results: dict) -> str:
@@ -708,20 +774,24 @@ def _asset(name: str) -> str:
 
 
 def render_html(results: dict, figure_dir: Path, *, phi: float | None = None,
-                epsilon: float | None = None) -> str:
-    """The report page for validated ``results``; figures are written to ``figure_dir``."""
+                epsilon: float | None = None, compare: Sequence[tuple[str, str]] = ()) -> str:
+    """The report page for validated ``results``; figures are written to ``figure_dir``;
+    ``compare``: pairs of rows to compare besides ``results["comparisons"]``."""
     from immunize import __version__
 
     verdict, source = _verdict_rows(results, phi, epsilon)
+    against_baseline = compare_to_baseline(results)
     phi_used, epsilon_used = thresholds(results, phi, epsilon)
     if verdict and isinstance(verdict[0].get("phi"), (int, float)):
         phi_used = float(verdict[0]["phi"])
         epsilon_used = float(verdict[0].get("epsilon", epsilon_used))
     sink = FigureSink(figure_dir)
     builders = {
-        "summary": lambda: _summary(results, verdict, phi_used, epsilon_used),
+        "summary": lambda: _summary(results, verdict, phi_used, epsilon_used, against_baseline),
         "main-table": lambda: _main_table(results),
-        "verdict": lambda: _verdict(verdict, source, phi_used, epsilon_used) + _paired_tables(results, verdict),
+        "verdict": lambda: (_verdict(verdict, source, phi_used, epsilon_used)
+                            + _paired_tables(results, verdict, against_baseline)),
+        "comparisons": lambda: _comparisons(results, list(compare)),
         "resistance-curves": lambda: _resistance(results, verdict, phi_used, sink),
         "stability": lambda: _stability(results, verdict, epsilon_used, sink),
         "trainability": lambda: _trainability(results, verdict, epsilon_used, sink),
@@ -748,18 +818,22 @@ def render_html(results: dict, figure_dir: Path, *, phi: float | None = None,
         footer=footer)
 
 
-def build_report(run_dir: str | Path, *, phi: float | None = None, epsilon: float | None = None) -> Path:
+def build_report(run_dir: str | Path, *, phi: float | None = None, epsilon: float | None = None,
+                 compare: Sequence[str] = ()) -> Path:
     """Read ``run_dir/results.json``, write ``run_dir/report/`` (index.html + figures/); return index.html.
 
     ``phi``/``epsilon`` recompute the verdict with other thresholds; by default the verdict stored in
-    results.json is shown (or computed from its numbers when the run stored none).
+    results.json is shown (or computed from its numbers when the run stored none). ``compare``
+    (``["A:B", ...]``, defence labels) adds paired comparisons of those rows to the ones results.json
+    holds, computed from its per-example outcomes.
     """
     run_dir = Path(run_dir)
     results = load_results(run_dir / "results.json")
+    pairs = parse_comparisons(list(compare), results["defences"])
     target = run_dir / "report"
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".report."))
     try:
-        page = render_html(results, staging / "figures", phi=phi, epsilon=epsilon)
+        page = render_html(results, staging / "figures", phi=phi, epsilon=epsilon, compare=pairs)
         atomic_write_text(staging / "index.html", page)
         publish_dir(staging, target)
     except BaseException:

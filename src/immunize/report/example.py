@@ -86,7 +86,7 @@ def _right(rate: float, n: int) -> list[float]:
 
 def example_results(*, defence_wins: bool = True, seed: int = 0) -> dict:
     """A complete ``immunize.results/1`` dict (verdict included) for an invented run."""
-    from immunize.verdict import immunization_verdict
+    from immunize.verdict import comparison, immunization_verdict
 
     rng = random.Random(seed)
     examples = random.Random(f"examples-{seed}")  # a stream of its own: rng's numbers stay as they were
@@ -268,9 +268,24 @@ def example_results(*, defence_wins: bool = True, seed: int = 0) -> dict:
                          "grad_norm_stability_all": 1.2, "grad_norm_noise_last": 3.3e-05,
                          "grad_norm_noise_layers": 0.00071, "grad_norm_noise_all": 0.00017,
                          "grad_norm_ascent_last": 0.0017, "grad_norm_ascent_layers": 0.44,
-                         "grad_norm_ascent_all": 0.13, "grad_norm": 1.3}}},
+                         "grad_norm_ascent_all": 0.13, "grad_norm": 1.3},
+            # How its refusals were made: the aligned model's own, judged; the rest templated.
+            "paired_refusals": {
+                "source": "own", "fallback": ["topical"], "prompts": 1000, "kept": 712, "kept_fraction": 0.712,
+                "fell_back": {"topical": 288}, "dropped": 0,
+                "generation": {"max_new_tokens": 64, "model": "runs/example/models/aligned",
+                               "own": {"generated": 1000, "from_cache": 0, "cut_at_max_new_tokens": 41, "empty": 3,
+                                       "judged_refusals": 712, "threshold": 0.9, "later_threshold": 0.5,
+                                       "cache": "~/.cache/immunize/refusals/5b1e0c27"}},
+                "judge": {"name": "refusal", "fingerprint": "c41d0e9a77b2", "threshold": 0.5, "requested": "refusal",
+                          "fallback_reason": None},
+                "on_topic": {"pairs": 1000, "paired": 0.5137, "shuffled": 0.1642, "difference": 0.3495,
+                             "encoder": "sentence-transformers/all-MiniLM-L6-v2@53aa51172d142c89/max_seq_length=256"
+                                        "/normalized"}}}},
     }
     results["verdict"] = immunization_verdict(results)
+    # A comparison as the recipe's ``compare: ["repnoise:none"]`` records it (any two rows can be compared).
+    results["comparisons"] = [comparison(results, "repnoise", "none")]
     return results
 
 

@@ -18,7 +18,7 @@ SCHEMA_VERSION = "immunize.results/1"
 REQUIRED = ("schema", "run", "defences", "budgets", "harmfulness")
 OPTIONAL_DICTS = ("settings", "models", "defence_info", "generalization", "curves", "stability", "trainability",
                   "toxicity", "analysis", "training")
-OPTIONAL_LISTS = ("samples", "verdict")
+OPTIONAL_LISTS = ("samples", "verdict", "comparisons")
 
 
 _JSON_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
@@ -163,6 +163,9 @@ def validate_results(results: Any, source: str | Path = "results.json") -> dict:
     _check_analysis(check, results.get("analysis") or {})
     for defence, logs in (results.get("training") or {}).items():
         for key, entry in check.kind(logs, dict, f"training.{defence}").items():
+            if key == "paired_refusals":
+                _check_refusals(check, entry, f"training.{defence}.{key}")
+                continue
             for name, value in check.kind(entry, dict, f"training.{defence}.{key}").items():
                 check.number(value, f"training.{defence}.{key}.{name}")
     for i, sample in enumerate(results.get("samples") or []):
@@ -174,7 +177,45 @@ def validate_results(results: Any, source: str | Path = "results.json") -> dict:
     for i, row in enumerate(results.get("verdict") or []):
         check.kind(row, dict, f"verdict[{i}]")
         check.kind(row.get("defence"), str, f"verdict[{i}].defence")
+    for i, entry in enumerate(results.get("comparisons") or []):
+        _check_comparison(check, entry, defences, f"comparisons[{i}]")
     return results
+
+
+def _check_comparison(check: _Checker, entry: Any, defences: list[str], where: str) -> None:
+    check.kind(entry, dict, where)
+    for side in ("a", "b"):
+        if check.kind(entry.get(side), str, f"{where}.{side}") not in defences:
+            check.fail(f"{where}.{side}", f"{entry[side]!r} is not one of the defences")
+    for key in ("margin", "min_harm_prompts", "min_pairs"):
+        if entry.get(key) is not None:
+            check.number(entry[key], f"{where}.{key}")
+    for j, row in enumerate(check.kind(entry.get("rows"), list, f"{where}.rows")):
+        at = f"{where}.rows[{j}]"
+        check.kind(row, dict, at)
+        for key in ("section", "key", "reading"):
+            check.kind(row.get(key), str, f"{at}.{key}")
+        for side in ("a", "b"):
+            check.number(row.get(side), f"{at}.{side}")
+        if (paired := row.get("paired")) is not None:
+            check.kind(paired, dict, f"{at}.paired")
+            check.number(paired.get("n"), f"{at}.paired.n")
+            check.number(paired.get("difference"), f"{at}.paired.difference", optional=True)
+            check.interval(paired.get("ci"), f"{at}.paired.ci")
+
+
+def _check_refusals(check: _Checker, summary: Any, where: str) -> None:
+    """``training.<defence>.paired_refusals``: the counts the report words (``immunize.data.paired_refusals``)."""
+    check.kind(summary, dict, where)
+    check.kind(summary.get("source"), str, f"{where}.source")
+    for key in ("prompts", "kept", "kept_fraction", "dropped"):
+        check.number(summary.get(key), f"{where}.{key}", optional=True)
+    for step, count in check.kind(summary.get("fell_back") or {}, dict, f"{where}.fell_back").items():
+        check.number(count, f"{where}.fell_back.{step}")
+    if (on_topic := summary.get("on_topic")) is not None:
+        check.kind(on_topic, dict, f"{where}.on_topic")
+        for key in ("paired", "shuffled", "difference"):
+            check.number(on_topic.get(key), f"{where}.on_topic.{key}", optional=True)
 
 
 def _check_analysis(check: _Checker, analysis: dict) -> None:
