@@ -135,9 +135,9 @@ class Experiment:
 
         probe = self.cfg.defence_config(entry, model, str(self.root))
         # The identity leaves paths out; the stage key holds what they point at.
-        # Refusals kept by the refusal judge make the data depend on that judge's state.
-        used = sorted(probe.judges_used)
-        judges = {"judges": {name: self.judges_state.get(name) for name in used}} if used else {}
+        # Refusals kept by the refusal judge make the data depend on the judges (their whole state,
+        # as the evaluations' keys hold it).
+        judges = {"judges": self.judges_state} if probe.judges_used else {}
         stage = Stage(kind, label, {"model": model_key, "defence": entry.method, "options": config_identity(probe),
                                     "data": data_identity(probe), **processes(probe), **judges},
                       weight=2.0 if kind == "align" else 3.0)
