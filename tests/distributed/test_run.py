@@ -78,7 +78,23 @@ def comparable(results: dict) -> dict:
     # The entries' options as given: the batch options that make the global batches equal differ.
     out["defence_info"] = {label: {k: v for k, v in info.items() if k != "options"}
                            for label, info in results["defence_info"].items()}
+    # A method's own log values (its loss terms, RepNoise's gradient norms) are rank 0's micro-batches;
+    # the Trainer's loss and gradient norm are the whole step's, on any number of processes.
+    out["training"] = {label: {key: {k: v for k, v in log.items() if k in GLOBAL_LOG_KEYS}
+                               if key in ("first_log", "last_log") else without_paths(log)
+                               for key, log in entry.items()}
+                       for label, entry in (results.get("training") or {}).items()}
     return out
+
+
+def without_paths(refusals: dict) -> dict:
+    """A paired-refusals summary without where its run keeps the model and the refusal cache."""
+    generation = {k: {**v, "cache": None} if isinstance(v, dict) else v
+                  for k, v in (refusals.get("generation") or {}).items() if k != "model"}
+    return {**refusals, **({"generation": generation} if "generation" in refusals else {})}
+
+
+GLOBAL_LOG_KEYS = ("loss", "grad_norm", "learning_rate", "epoch", "step")
 
 
 def assert_close(one, two, tolerance: float, where="results"):
