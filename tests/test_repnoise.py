@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 
 from immunize.data import HarmfulPair
 from immunize.defences import DEFENCES, available_defences, defence_config, get_defence
@@ -539,8 +540,15 @@ class _Interrupt(Exception):
     pass
 
 
+class _StopAtThree(TrainerCallback):
+    """Kills a run at the end of step 3, as a pre-emption would (its last checkpoint: step 2)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise _Interrupt
+
+
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tokenizer):
-    from transformers import TrainerCallback
 
     from immunize.training import run_training
 
@@ -548,14 +556,9 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tokeni
     straight = tiny_model("llama")
     run_training(_trainer(_config(tmp_path / "a", **common), straight, tokenizer))
 
-    class StopAtThree(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise _Interrupt
-
     cfg = _config(tmp_path / "b", **common)
     with pytest.raises(_Interrupt):
-        run_training(_trainer(cfg, tiny_model("llama"), tokenizer, callbacks=[StopAtThree()]))
+        run_training(_trainer(cfg, tiny_model("llama"), tokenizer, callbacks=[_StopAtThree()]))
     assert (Path(cfg.output_dir) / "checkpoint-2").is_dir()
     resumed = tiny_model("llama")  # fresh weights: everything must come from the checkpoint
     trainer = _trainer(cfg, resumed, tokenizer)
@@ -567,7 +570,6 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tokeni
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer):
     from safetensors.torch import load_file
-    from transformers import TrainerCallback
 
     class Poison(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -887,8 +889,6 @@ def test_sampled_lens_hooks_only_the_layers_it_reads(features):
 
 def test_sampled_lens_draw_is_shared_by_the_micro_batches_of_a_step_and_repeated_on_resume(
         tmp_path, tokenizer, monkeypatch):
-    from transformers import TrainerCallback
-
     from immunize.defences import repnoise
     from immunize.training import run_training
 
@@ -909,14 +909,9 @@ def test_sampled_lens_draw_is_shared_by_the_micro_batches_of_a_step_and_repeated
     assert len(seen) == 4 * 2 and all(draws[step] == read for step, read in seen)  # one draw per step
     assert len(set(draws.values())) > 1  # and it changes from step to step
 
-    class StopAtThree(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise _Interrupt
-
     cfg = _config(tmp_path / "b", **common)
     with pytest.raises(_Interrupt):
-        run_training(_trainer(cfg, tiny_model("llama", layers=3), tokenizer, callbacks=[StopAtThree()]))
+        run_training(_trainer(cfg, tiny_model("llama", layers=3), tokenizer, callbacks=[_StopAtThree()]))
     seen.clear()
     resumed = tiny_model("llama", layers=3)
     run_training(_trainer(cfg, resumed, tokenizer))
