@@ -8,9 +8,10 @@ starts from. The refusals are the base model's own answers when told to refuse (
 kept when the refusal judge says they refuse, and templated refusals that restate the request
 (``topical``) for the rest: the base's plain answers (``own``, the defences' default) are mostly
 no refusals at all, and a bank text written for another question teaches refusing the wrong
-thing. Generating costs 0.5–1 s per prompt on a 2-core CPU (SmolLM2, 64 tokens, batches of 16),
-2–4 minutes for the 256 prompts here, once per base model (cached); ``--refusals topical`` skips
-it.
+thing. Generating costs about 0.75 s per prompt on a 2-core CPU (SmolLM2, 64 tokens, batches of
+16, loading and judging included: 49 s for 64 prompts, measured in recipes/repnoise_ablations.yaml),
+so about 3 minutes for the 256 prompts here, once per base model (cached); ``--refusals topical``
+skips it.
 
 It is the same computation and data builder as the ``safety-sft`` defence
 (``immunize.defences.safety_sft``), run by the same method runner, so it honours
