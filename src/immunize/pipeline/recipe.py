@@ -69,7 +69,8 @@ POST_ATTACK_SECTIONS = "harmfulness"
 EVAL_OPTIONS = {
     "suite": "eval_suite", "harmfulness_samples": "eval_harmfulness_samples",
     "harmfulness_max_new_tokens": "eval_max_new_tokens", "harmfulness_judge": "harmfulness_judge",
-    "capability_limit": "eval_capability_limit", "trainability_steps": "eval_trainability_steps",
+    "capability_limit": "eval_capability_limit", "capability_tasks": "eval_capability_tasks",
+    "mmlu_subjects": "eval_mmlu_subjects", "trainability_steps": "eval_trainability_steps",
     "trainability_tasks": "eval_trainability_tasks", "trainability_eval_samples": "eval_trainability_eval_samples",
     "toxicity_samples": "eval_toxicity_samples", "overrefusal_samples": "eval_overrefusal_samples",
     "harmfulness_refusal_gate": "eval_harmfulness_refusal_gate", "harmfulness_prompts": "eval_harmfulness_prompts",
@@ -117,6 +118,9 @@ class RunOptions:
                 "or a hub id[:split]) instead of BeaverTails', minus any training prompt (immunize evaluate "
                 "--harmfulness_prompts)"})
     eval_capability_limit: int | None = field(default=None, metadata={"help": "questions per capability task"})
+    eval_capability_tasks: str | None = field(default=None, metadata={
+        "help": "capability tasks: mmlu, truthfulqa_mc1, truthfulqa_mc2 (comma list)"})
+    eval_mmlu_subjects: str | None = field(default=None, metadata={"help": "MMLU subjects (comma list, or all)"})
     eval_trainability_steps: int | None = field(default=None, metadata={"help": "benign fine-tune steps"})
     eval_trainability_tasks: str | None = field(default=None, metadata={"help": "viggo, e2e"})
     eval_trainability_eval_samples: int | None = field(default=None, metadata={"help": "ROUGE test examples"})
