@@ -61,7 +61,9 @@ def main() -> None:
     (doc_a, rows_a), (doc_b, rows_b) = load(args.run_a), load(args.run_b)
     tasks = [t for t in ("mmlu", "truthfulqa_mc1", "truthfulqa_mc2") if t in doc_a["metrics"]]
     seconds = (doc_a["seconds"] + doc_b["seconds"]) / 2
-    total_requests = sum(requests(t, rows_a) for t in tasks)
+    # Counted once per task: TruthfulQA's counts read and convert its whole question file.
+    per_task = {task: requests(task, rows_a) for task in tasks}
+    total_requests = sum(per_task.values())
     print(f"{args.run_a.name} vs {args.run_b.name}: {seconds:.0f} s per evaluation, {total_requests} requests "
           f"({seconds / total_requests:.3f} s a request); paired 95% CI of ±{args.half_width}")
     print("| task | n | A | B | A − B [paired 95% CI] | sd(d) | questions for ±H | s a question | "
@@ -73,7 +75,7 @@ def main() -> None:
         paired = paired_bootstrap(pairs.defended, pairs.reference, resamples=10000, seed=0)
         sd = float(np.std(d, ddof=1))
         need = math.ceil((1.96 * sd / args.half_width) ** 2)
-        per_question = seconds / total_requests * requests(task, rows_a) / len(d)
+        per_question = seconds / total_requests * per_task[task] / len(d)
         lo, hi = paired["ci95"]
         print(f"| {task} | {len(d)} | {pairs.defended.mean():.3f} | {pairs.reference.mean():.3f} | "
               f"{paired['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {sd:.3f} | {need} | {per_question:.2f} | "

@@ -549,7 +549,6 @@ class _StopAtThree(TrainerCallback):
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tokenizer):
-
     from immunize.training import run_training
 
     common = dict(max_steps=4, save_steps=2, learning_rate=1e-3)
