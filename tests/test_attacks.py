@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 
@@ -367,6 +368,24 @@ def test_curve_callback_only_start_and_end_with_every_zero_and_saves_models_if_a
     saved = sorted(p.name for p in (tmp_path / "curve-models").iterdir())
     assert saved == ["step-0", "step-3"]
     assert (tmp_path / "curve-models" / "step-3" / "model.safetensors").is_file()
+
+
+@pytest.mark.usefixtures("real_data_root")
+def test_budgets_of_one_model_share_their_step_0_scores(tiny_checkpoint, tmp_path):
+    # Learning rate, samples and seed leave the model at step 0 as it is: scored once, not per budget.
+    scorer = RecordingScorer()
+    cfg = attack_config("sft", tiny_checkpoint, tmp_path / "budgets", num_samples=4,
+                        grid=["learning_rate=1e-4,1e-3", "seed=1,2"])
+    results = run_attacks(cfg, scorers=[scorer])
+    assert len(results) == 4 and len(scorer.calls) == 1 + 4  # one step 0, then each run's end
+    assert len({json.dumps(r.curve[0], sort_keys=True) for r in results}) == 1
+    assert all(read_curve(r.output_dir)[0] == r.curve[0] for r in results)
+
+    # Any other axis may change the model or the scoring: each value scores its own step 0.
+    scorer = RecordingScorer()
+    cfg = attack_config("sft", tiny_checkpoint, tmp_path / "other", num_samples=4,
+                        grid=["weight_decay=0,0.1"])
+    assert len(run_attacks(cfg, scorers=[scorer])) == 2 and len(scorer.calls) == 2 * 2
 
 
 def test_curve_scorers_must_not_report_the_same_metric(tmp_path):

@@ -53,11 +53,14 @@ def read_curve(path: str | Path) -> list[dict]:
 class ResistanceCurveCallback(TrainerCallback):
     """Run ``scorers`` at step 0, every ``every_steps`` optimizer steps and at the end of training.
 
+    ``first_row``: step 0's row measured by another run on the same model (the runner passes it
+    between budgets); it is recorded instead of scoring step 0 again, unless curve models are saved.
+
     Every process scores (sharded models need all ranks for a forward pass); the main process writes.
     """
 
     def __init__(self, scorers: Sequence[StepScorer], every_steps: int, *, tokenizer=None,
-                 save_models: bool = False, path: str | Path | None = None):
+                 save_models: bool = False, path: str | Path | None = None, first_row: dict | None = None):
         if not scorers:
             raise ValueError("ResistanceCurveCallback needs at least one scorer")
         names = [s.name for s in scorers]
@@ -68,6 +71,8 @@ class ResistanceCurveCallback(TrainerCallback):
         self.tokenizer = tokenizer
         self.save_models = save_models
         self.path = Path(path) if path is not None else None
+        # Step 0's scores, already measured on the same model by a run of another budget: reused as is.
+        self.first_row = first_row
         self.rows: list[dict] = []
 
     def _file(self, args) -> Path:
@@ -79,8 +84,11 @@ class ResistanceCurveCallback(TrainerCallback):
         self.rows = [r for r in existing if r["step"] <= state.global_step]
         if len(self.rows) != len(existing) and state.is_world_process_zero:
             atomic_write_jsonl(self._file(args), self.rows)
-        if state.global_step == 0:
-            self._score(args, state, **kwargs)
+        if state.global_step == 0 and not any(r["step"] == 0 for r in self.rows):
+            if self.first_row is not None and not self.save_models:
+                self._record(args, dict(self.first_row), state.is_world_process_zero)
+            else:
+                self._score(args, state, **kwargs)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.every_steps and state.global_step % self.every_steps == 0:
@@ -110,14 +118,17 @@ class ResistanceCurveCallback(TrainerCallback):
         finally:
             model.train(was_training)
         row = {"step": step, "epoch": round(float(state.epoch or 0.0), 4), **metrics}
+        self._record(args, row, state.is_world_process_zero)
+        if state.is_world_process_zero and self.save_models:
+            target = self._file(args).parent / CURVE_MODELS / f"step-{step}"
+            model.save_pretrained(target, safe_serialization=True)
+            tokenizer.save_pretrained(target)
+
+    def _record(self, args, row: dict, main: bool) -> None:
         self.rows.append(row)
         log.info("curve %s", json.dumps(row))
-        if state.is_world_process_zero:
+        if main:
             atomic_write_jsonl(self._file(args), self.rows)
-            if self.save_models:
-                target = self._file(args).parent / CURVE_MODELS / f"step-{step}"
-                model.save_pretrained(target, safe_serialization=True)
-                tokenizer.save_pretrained(target)
 
 
 def _device(model) -> torch.device:

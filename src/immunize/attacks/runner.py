@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "attacks.jsonl"
 
+# A budget's axes: the model at step 0 does not depend on them (LoRA adapters start at zero), so the
+# runs of one model that differ only there score step 0 once and share that curve row.
+BUDGET_AXES = frozenset({"learning_rate", "num_samples", "num_train_epochs", "seed"})
+
 
 @dataclass
 class PlannedRun:
@@ -156,6 +160,7 @@ def _run_attacks(cfg: AttackArguments, scorers: Sequence[StepScorer], callbacks:
         groups.setdefault(attack.data_key(run.cfg), []).append(run)
     results: dict[str, RunResult] = {}
     position = {run.run_id: i for i, run in enumerate(runs, start=1)}
+    first_rows: dict[tuple, dict] = {}
     for members in groups.values():
         # One tokenization per group, sized for its largest unfinished run (smaller ones take a prefix).
         # The main process's markers decide for every rank (all train a run, or none).
@@ -171,10 +176,16 @@ def _run_attacks(cfg: AttackArguments, scorers: Sequence[StepScorer], callbacks:
                 report(f"{prefix}: already complete, skipped")
                 results[run.run_id] = RunResult(run.run_id, Path(run.cfg.output_dir), "skipped", run.point,
                                                 done, read_curve(run.cfg.output_dir))
+            else:
+                report(f"{prefix}: training")
+                results[run.run_id] = _train(attack, run, prepared, scorers, callbacks,
+                                             first_rows.get(_step0_key(run)))
+                report(f"{prefix}: {describe(results[run.run_id])}")
+            curve = results[run.run_id].curve
+            if curve and curve[0]["step"] == 0:
+                first_rows.setdefault(_step0_key(run), curve[0])
+            if done is not None:
                 continue
-            report(f"{prefix}: training")
-            results[run.run_id] = _train(attack, run, prepared, scorers, callbacks)
-            report(f"{prefix}: {describe(results[run.run_id])}")
             if is_main():
                 write_index(Path(cfg.output_dir))
     if is_main():  # the other ranks of a distributed job work under rank 0's lock: it writes the index
@@ -182,8 +193,13 @@ def _run_attacks(cfg: AttackArguments, scorers: Sequence[StepScorer], callbacks:
     return [results[run.run_id] for run in runs]
 
 
+def _step0_key(run: PlannedRun) -> tuple:
+    """Runs with equal keys hold the same model at step 0 and score it the same way."""
+    return run.model_fingerprint, repr(sorted((k, v) for k, v in run.point.items() if k not in BUDGET_AXES))
+
+
 def _train(attack: Attack, run: PlannedRun, prepared: _Prepared, scorers: Sequence[StepScorer],
-           callbacks: Sequence[TrainerCallback]) -> RunResult:
+           callbacks: Sequence[TrainerCallback], first_row: dict | None = None) -> RunResult:
     from immunize.config import fingerprint
 
     cfg = run.cfg
@@ -206,7 +222,8 @@ def _train(attack: Attack, run: PlannedRun, prepared: _Prepared, scorers: Sequen
     with attack_adapter(cfg.model, model) as adapter:
         run_scorers = [*default_scorers(cfg, prepared.splits), *scorers] if cfg.curve else []
         curve = ([ResistanceCurveCallback(run_scorers, cfg.curve_every_steps, tokenizer=tokenizer,
-                                          save_models=cfg.curve_save_models)] if run_scorers else [])
+                                          save_models=cfg.curve_save_models, first_row=first_row)]
+                 if run_scorers else [])
         trainer = attack.build_trainer(cfg, model, tokenizer, data, [*curve, *callbacks])
         if curve and cfg.curve_save_models:
             refuse_sharded_save(trainer, "--curve_save_models")
