@@ -80,6 +80,23 @@ def test_run_end_to_end_then_cached(tmp_path, tiny_checkpoint, fake_judges, isol
     assert json.loads((tmp_path / "run" / "results.json").read_text())["budgets"][0]["learning_rate"] == 2e-3
 
 
+SEEDED_ATTACKS = [{"label": "sft", "grid": {"learning_rate": [1e-3, 2e-3], "num_samples": [8], "seed": [1, 2, 3]}},
+                  {"label": "tox", "attack": "toxicity", "grid": {"num_samples": [8], "seed": [7]}}]
+
+
+def test_budgets_that_differ_only_in_seed_form_a_group(tmp_path, tiny_checkpoint):
+    from immunize.pipeline.run import Experiment
+    from immunize.verdict import group_budgets
+
+    experiment = Experiment(recipe(tmp_path, tiny_checkpoint, attacks=SEEDED_ATTACKS))
+    ids = [b["id"] for b in experiment.budgets]
+    assert ids[:4] == ["sft-lr0.001-n8-s1", "sft-lr0.001-n8-s2", "sft-lr0.001-n8-s3", "sft-lr0.002-n8-s1"]
+    groups = group_budgets(experiment.budgets)
+    assert [(g["id"], g["label"], g["budgets"], g["seeds"]) for g in groups] == [
+        ("sft-lr0.001-n8", "sft", ids[0:3], [1, 2, 3]), ("sft-lr0.002-n8", "sft", ids[3:6], [1, 2, 3]),
+        (ids[6].removesuffix("-s7"), "tox", ids[6:], [7])]
+
+
 def test_run_trains_missing_trainable_judges_once(tmp_path, tiny_checkpoint, isolated_cache, fixed_encoder,
                                                  monkeypatch):
     """A fresh machine has no trained judges: the run trains the ones it uses, then keys on them."""

@@ -36,10 +36,20 @@ STABILITY_METRICS = {
 
 def budget_id(label: str, cfg, point: dict[str, Any]) -> str:
     """``{label}-lr{lr}-n{samples}-s{seed}`` plus any other swept option, e.g. ``sft-lr8e-05-n64-s42``."""
+    return _budget_name(label, cfg, point, f"-s{cfg.seed}")
+
+
+def group_id(label: str, cfg, point: dict[str, Any]) -> str:
+    """The budget id without its seed part, e.g. ``sft-lr8e-05-n64``: the budgets of one attack entry
+    whose grid points differ only in seed share it, and form one budget group (``immunize.verdict``)."""
+    return _budget_name(label, cfg, point, "")
+
+
+def _budget_name(label: str, cfg, point: dict[str, Any], seed: str) -> str:
     samples = "all" if cfg.num_samples is None else cfg.num_samples
     others = "".join(f"-{key}{value}" for key, value in point.items()
                      if key not in ("learning_rate", "num_samples", "seed"))
-    return f"{label}-lr{cfg.learning_rate:.10g}-n{samples}-s{cfg.seed}{others}"
+    return f"{label}-lr{cfg.learning_rate:.10g}-n{samples}{seed}{others}"
 
 
 class Experiment:
@@ -56,7 +66,8 @@ class Experiment:
             attack_cfg = cfg.attack_config(entry, cfg.model, str(self.root))
             rows = []
             for point, point_cfg in expand_grid(attack_cfg):
-                rows.append({"id": budget_id(entry.label, point_cfg, point), "label": entry.label,
+                rows.append({"id": budget_id(entry.label, point_cfg, point),
+                             "group": group_id(entry.label, point_cfg, point), "label": entry.label,
                              "attack": entry.method + ("-lora" if point_cfg.use_lora else ""),
                              "learning_rate": point_cfg.learning_rate, "num_samples": point_cfg.num_samples,
                              "epochs": point_cfg.num_train_epochs, "seed": point_cfg.seed,
@@ -332,7 +343,7 @@ class Experiment:
 
     # -- results.json ------------------------------------------------------------------------
     def assemble(self, pre: dict, post: dict, attacked: dict) -> dict[str, Any]:
-        from immunize.verdict import thresholds
+        from immunize.verdict import group_budgets, thresholds
 
         labels = list(pre)
         harmfulness = {name: {"pre_attack": harm_cell(pre[name]["harmfulness"], pre[name]["_dir"])} for name in labels}
@@ -354,6 +365,7 @@ class Experiment:
             "models": self.models,
             "defences": labels,
             "budgets": [{k: v for k, v in b.items() if k != "point"} for b in self.budgets],
+            "budget_groups": group_budgets(self.budgets),
             "harmfulness": harmfulness,
             "curves": curves,
             "stability": {name: stability_cells(pre[name]) for name in labels},
