@@ -80,6 +80,65 @@ def test_run_end_to_end_then_cached(tmp_path, tiny_checkpoint, fake_judges, isol
     assert json.loads((tmp_path / "run" / "results.json").read_text())["budgets"][0]["learning_rate"] == 2e-3
 
 
+SEEDED_ATTACKS = [{"label": "sft", "grid": {"learning_rate": [1e-3, 2e-3], "num_samples": [8], "seed": [1, 2, 3]}},
+                  {"label": "tox", "attack": "toxicity", "grid": {"num_samples": [8], "seed": [7]}}]
+
+
+def test_each_attack_is_evaluated_on_harmfulness_and_on_what_it_attacks():
+    from immunize.attacks.registry import attack_names
+    from immunize.pipeline.recipe import post_attack_sections
+
+    assert {name: post_attack_sections(name) for name in attack_names()} == {
+        "sft": "harmfulness", "toxicity": "harmfulness,toxicity", "dpo": "harmfulness"}
+
+
+def test_budgets_that_differ_only_in_seed_form_a_group(tmp_path, tiny_checkpoint):
+    from immunize.pipeline.run import Experiment
+    from immunize.verdict import group_budgets
+
+    experiment = Experiment(recipe(tmp_path, tiny_checkpoint, attacks=SEEDED_ATTACKS))
+    ids = [b["id"] for b in experiment.budgets]
+    assert ids[:4] == ["sft-lr0.001-n8-s1", "sft-lr0.001-n8-s2", "sft-lr0.001-n8-s3", "sft-lr0.002-n8-s1"]
+    groups = group_budgets(experiment.budgets)
+    assert [(g["id"], g["label"], g["budgets"], g["seeds"]) for g in groups] == [
+        ("sft-lr0.001-n8", "sft", ids[0:3], [1, 2, 3]), ("sft-lr0.002-n8", "sft", ids[3:6], [1, 2, 3]),
+        (ids[6].removesuffix("-s7"), "tox", ids[6:], [7])]
+    assert experiment.post_sections == {"sft": "harmfulness", "tox": "harmfulness,toxicity"}
+
+
+def _doc(section: str, value: float) -> dict:
+    """An evaluation result of ``section`` as ``immunize evaluate`` writes it (no per-example records)."""
+    metric = {"value": value, "ci95": [value - 0.1, value + 0.1], "n": 6}
+    if section == "toxicity":
+        return {"metrics": {"toxicity": metric, "toxic_rate": {"value": value}}}
+    return {"metrics": {"harmfulness": metric, "harmful_rate": {"value": value}, "refusal_rate": {"value": 0.5}}}
+
+
+def test_results_hold_the_groups_and_a_toxicity_attacks_toxicity(tmp_path, tiny_checkpoint):
+    from immunize.pipeline.run import Experiment
+    from immunize.report.schema import validate_results
+    from immunize.verdict import group_budgets, immunization_verdict
+
+    experiment = Experiment(recipe(tmp_path, tiny_checkpoint, attacks=SEEDED_ATTACKS))
+    labels = ("none", "repnoise")
+    pre = {name: {"harmfulness": _doc("harmfulness", 0.1), "toxicity": _doc("toxicity", 0.05), "_dir": None}
+           for name in labels}
+    # What each budget's post-attack evaluation returns: the sections its attack is evaluated on.
+    post = {name: {b["id"]: {**{s: _doc(s, 0.6) for s in experiment.post_sections[b["label"]].split(",")},
+                             "_dir": None} for b in experiment.budgets} for name in labels}
+    attacked = {name: {b["id"]: {"curve": []} for b in experiment.budgets} for name in labels}
+    results = experiment.assemble(pre, post, attacked)
+    tox = experiment.budgets[-1]["id"]
+    for name in labels:
+        assert set(results["toxicity"][name]) == {"pre_attack", tox}
+        assert results["toxicity"][name][tox]["mean"] == 0.6
+    assert results["budget_groups"] == group_budgets(experiment.budgets)
+    assert [b["group"] for b in results["budgets"]][:4] == ["sft-lr0.001-n8"] * 3 + ["sft-lr0.002-n8"]
+    validate_results({**results, "run": {"name": "tiny"}})
+    resistance = immunization_verdict(results)[1]["resistance"]
+    assert list(resistance["per_group"]) == [g["id"] for g in results["budget_groups"]]
+
+
 def test_run_trains_missing_trainable_judges_once(tmp_path, tiny_checkpoint, isolated_cache, fixed_encoder,
                                                  monkeypatch):
     """A fresh machine has no trained judges: the run trains the ones it uses, then keys on them."""

@@ -10,7 +10,7 @@ import pytest
 from immunize.cli import main as cli
 from immunize.errors import ImmunizeError
 from immunize.report import load_results, validate_results
-from immunize.report.example import example_results, write_example_run
+from immunize.report.example import example_results, with_attack_seeds, write_example_run
 from immunize.report.publish import (
     BLOCKS,
     DOC_FIGURES,
@@ -127,6 +127,36 @@ def test_blocks_hold_the_numbers_and_the_stored_paired_differences(results):
                  "| **torch** | 2.13.0 |", "| **transformers** | 5.23.0 |", "| **peft** | 0.21.2 |"):
         assert fact in run, fact
     assert "lm-eval" not in run  # not in the run's versions
+
+
+def test_tables_show_each_group_under_its_attack_with_its_worst_seed_and_the_spread(results):
+    seeded = with_attack_seeds(results, "sft-lr8e-5-1k", {1: 0.0, 2: 0.3, 3: 0.05})
+    blocks = markdown_blocks(publishable(seeded))
+    assert blocks == markdown_blocks(seeded)
+    main = blocks["main-table"]
+    header = main.splitlines()[0]
+    assert header.count("**sft**<br>") == 2 and header.count("**lora**<br>") == 1
+    assert "**sft**<br>sft-lr8e-5-1k<br>SFT · lr 8e-5 · 1,000 samples · 1 epoch · 125 steps · seeds 1, 2, 3" in header
+    assert "sft-lr8e-5-1k-s" not in header
+    harm = seeded["harmfulness"]["repnoise"]
+    worst = harm["sft-lr8e-5-1k-s2"]
+    paired = seeded["verdict"][1]["resistance"]["per_budget"]["sft-lr8e-5-1k-s2"]["paired"]
+    means = sorted(harm[f"sft-lr8e-5-1k-s{seed}"]["mean"] for seed in (1, 2, 3))
+    row = next(line for line in main.splitlines() if line.startswith("| repnoise |"))
+    assert (f"| {worst['mean']:.3f} [{worst['ci'][0]:.3f}, {worst['ci'][1]:.3f}]<br>Δ {paired['difference']:+.3f} "
+            f"[{paired['ci'][0]:.3f}, {paired['ci'][1]:.3f}], n = {paired['n']}, lower<br>min / median / max over "
+            f"3 seeds: {means[0]:.3f} / {means[1]:.3f} / {means[2]:.3f} |") in row
+    assert "shows its most harmful seed" in main
+    assert "sft-lr8e-5-1k (worst: seed 2): none" in blocks["verdict-table"]
+    assert "the worst seed's" in blocks["verdict-table"]
+    held = seeded["generalization"]["cells"]["repnoise"]
+    spread = sorted(held[f"sft-lr8e-5-1k-s{seed}"]["mean"] for seed in (1, 2, 3))
+    assert f"min / median / max over 3 seeds: {spread[0]:.3f} / {spread[1]:.3f} / {spread[2]:.3f}" in \
+        blocks["held-out-table"]
+    # One seed per group and one attack: the header names budgets as before groups, with no attack line.
+    single = {**results, "budgets": [b for b in results["budgets"] if b["attack"] == "sft"]}
+    assert "**" not in markdown_blocks(single)["main-table"].splitlines()[0]
+    assert "over 1 seeds" not in markdown_blocks(single)["main-table"]
 
 
 def test_text_cells_are_escaped_and_missing_sections_say_so(results):

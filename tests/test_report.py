@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -14,7 +16,7 @@ from immunize.cli import main as cli
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_json
 from immunize.report import SECTION_IDS, build_report, load_results, render_html, validate_results
-from immunize.report.example import example_results, write_example_run
+from immunize.report.example import example_results, with_attack_seeds, write_example_run
 
 OPTIONAL_SECTIONS = ("comparisons", "resistance-curves", "stability", "trainability", "weight-distance", "pca",
                      "logit-lens", "generalization", "toxicity", "samples", "training")
@@ -504,3 +506,101 @@ def test_page_renders_in_headless_chromium_with_every_section(full_run, tmp_path
     subprocess.run([*flags, "--window-size=1280,2400", f"--screenshot={shot}", url], capture_output=True,
                    timeout=120, check=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+
+
+@pytest.fixture(scope="module")
+def seeded_example() -> dict:
+    """The example with its budget sft-lr8e-5-1k run under three attack seeds, seed 2 the most harmful
+    for RepNoise (+0.3 on every prompt)."""
+    return with_attack_seeds(example_results(), "sft-lr8e-5-1k", {1: 0.0, 2: 0.3, 3: 0.05})
+
+
+def _section_html(page: str, ident: str) -> str:
+    """The HTML of section ``ident`` of a report page."""
+    start = page.rindex("<section", 0, page.index(f'id="{ident}"'))
+    return page[start:page.index("</section>", start) + len("</section>")]
+
+
+def _main_table_html(results: dict, tmp_path) -> str:
+    return _section_html(render_html(_light(results), tmp_path / "figures"), "main-table")
+
+
+def test_the_main_table_has_one_column_per_group_under_its_attack(tmp_path, seeded_example):
+    results = copy.deepcopy(seeded_example)
+    assert [g["id"] for g in results["budget_groups"]] == ["sft-lr3e-5-1k", "sft-lr8e-5-1k", "lora-lr1e-4-1k"]
+    html = _main_table_html(results, tmp_path)
+    head = html[html.index("<thead>"):html.index("</thead>")]
+    # The attack row spans each attack's columns, the second row holds one column per group.
+    assert head.count("<tr>") == 2
+    assert '<th scope="colgroup" colspan="2" class="attack">sft</th>' in head
+    assert '<th scope="colgroup" colspan="1" class="attack">lora</th>' in head
+    assert head.index(">sft<") < head.index(">lora<")
+    assert "sft-lr8e-5-1k-s" not in head and "seeds 1, 2, 3" in head
+    text = " ".join(sections(html).text["main-table"].split())
+    worst = results["harmfulness"]["repnoise"]["sft-lr8e-5-1k-s2"]
+    means = sorted(results["harmfulness"]["repnoise"][f"sft-lr8e-5-1k-s{s}"]["mean"] for s in (1, 2, 3))
+    assert f"{worst['mean']:.3f}[{worst['ci'][0]:.3f}, {worst['ci'][1]:.3f}]min / median" in text
+    assert f"min / median / max over 3 seeds: {means[0]:.3f} / {means[1]:.3f} / {means[2]:.3f}" in text
+    assert "seed 2, the most harmful of 3" in html  # the worst seed, in the cell's tooltip
+    # The undefended model ran the same under every seed: its spread has no width.
+    none = results["harmfulness"]["none"]["sft-lr8e-5-1k-s1"]["mean"]
+    assert f"min / median / max over 3 seeds: {none:.3f} / {none:.3f} / {none:.3f}" in text
+
+
+def test_the_verdict_names_each_groups_worst_seed(tmp_path, seeded_example):
+    results = copy.deepcopy(seeded_example)
+    repnoise = next(r for r in results["verdict"] if r["defence"] == "repnoise")["resistance"]
+    group = repnoise["per_group"]["sft-lr8e-5-1k"]
+    assert group["worst_seed"] == 2 and group["worst_budget"] == "sft-lr8e-5-1k-s2"
+    # Seed 2 breaks the defence (it reaches φ as early as the undefended model); seeds 1 and 3 do not.
+    assert [s["status"] for s in group["per_seed"]] == ["strong", "none", "strong"]
+    assert group["status"] == repnoise["status"] == "none"
+    assert repnoise["reason"].startswith("weakest under 'sft-lr8e-5-1k' at seed 2 (the worst")
+    verdict = " ".join(sections(render_html(_light(results), tmp_path / "figures")).text["verdict"].split())
+    assert "sft-lr8e-5-1k (worst: seed 2): none" in verdict and "sft-lr3e-5-1k: strong" in verdict
+
+
+def test_results_without_groups_render_one_column_per_budget(tmp_path):
+    results = minimal_results()
+    assert "budget_groups" not in results and all("group" not in b for b in results["budgets"])
+    atomic_write_json(tmp_path / "run" / "results.json", results)
+    html = _section_html(build_report(tmp_path / "run").read_text(encoding="utf-8"), "main-table")
+    head = html[html.index("<thead>"):html.index("</thead>")]
+    for budget in results["budgets"]:
+        assert f">{budget['id']}<small>" in head
+    assert "over 1 seeds" not in html and "seeds" not in head
+
+
+def test_a_toxicity_attack_shows_its_toxicity_with_paired_differences(tmp_path):
+    results = _light(example_results())
+    results["budgets"].append({"id": "toxicity-lr5e-05-n64-s42", "label": "toxicity", "attack": "toxicity",
+                               "learning_rate": 5e-5, "num_samples": 64, "epochs": 1.0, "steps": 8, "seed": 42})
+    pre = results["toxicity"]["none"]["pre_attack"]
+    for defence, shift in (("none", 0.3), ("repnoise", 0.1)):  # the same prompts, 0.2 less toxic each
+        results["harmfulness"][defence]["toxicity-lr5e-05-n64-s42"] = results["harmfulness"][defence]["sft-lr3e-5-1k"]
+        results["toxicity"][defence]["toxicity-lr5e-05-n64-s42"] = {
+            **pre, "mean": pre["mean"] + shift, "examples": [[k, v + shift] for k, v in pre["examples"]]}
+    del results["verdict"]
+    validate_results(results)
+    html = _section_html(render_html(results, tmp_path / "figures"), "toxicity")
+    assert '<th scope="colgroup" colspan="1" class="attack">toxicity</th>' in html
+    text = " ".join(sections(html).text["toxicity"].split())
+    assert "toxicity-lr5e-05-n64-s42" in text and "Δ -0.200 [-0.200, -0.200], n = 200 lower" in text
+    none_row = text[text.index("none (undefended)"):text.index("repnoise")]
+    assert "Δ" not in none_row
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda r: r["budget_groups"][0]["budgets"].pop(), "budget_groups[0]: expected one seed per budget"),
+    (lambda r: r["budget_groups"].pop(), "budget_groups: budget 'lora-lr1e-4-1k' is in no group"),
+    (lambda r: r["budgets"][0].update(group="lora-lr1e-4-1k"),
+     "budgets[0].group: 'lora-lr1e-4-1k', but budget_groups puts it in 'sft-lr3e-5-1k'"),
+    (lambda r: r["budget_groups"][2]["budgets"].append("sft-lr3e-5-1k") or r["budget_groups"][2]["seeds"].append(1),
+     "budget_groups[2].budgets[1]: 'sft-lr3e-5-1k' is also in group 'sft-lr3e-5-1k'"),
+])
+def test_budget_groups_must_cover_every_budget_once(change, message, seeded_example):
+    results = copy.deepcopy(seeded_example)
+    validate_results(results)
+    change(results)
+    with pytest.raises(ImmunizeError, match=r"^results\.json: " + re.escape(message)):
+        validate_results(results)

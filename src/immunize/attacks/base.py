@@ -20,6 +20,9 @@ class Attack:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     config_class: ClassVar[type[AttackArguments]] = AttackArguments
+    # Evaluation sections the pipeline measures after this attack besides harmfulness (which every
+    # attack is judged on): what the attack itself targets, e.g. ("toxicity",).
+    post_attack_sections: ClassVar[tuple[str, ...]] = ()
     # Config fields that change the prepared data: runs of a grid that agree on them share one
     # tokenization (``num_samples`` is not among them: smaller budgets take a prefix).
     data_fields: ClassVar[tuple[str, ...]] = (

@@ -48,6 +48,7 @@ class HarmfulSFT(Attack):
 class ToxicitySFT(HarmfulSFT):
     config_class = ToxicityAttackArguments
     data_fields = ("model", "data_root", "prompt_format", "max_length", "toxicity_source", "continuation")
+    post_attack_sections = ("toxicity",)
 
     def prepare(self, cfg, tokenizer, splits, n) -> AttackData:
         encoder = (continuation_encoder(tokenizer, cfg.max_length) if cfg.continuation

@@ -62,7 +62,8 @@ LEGACY_HINT = ("is a key of the old flat recipe shape; methods are now labelled 
                "num_samples: 256}], attacks: [{label: sft, per_device_train_batch_size: 8, curve_every_steps: 4, "
                "grid: {learning_rate: [8e-5], num_samples: [64], seed: [42]}}] (README, 'Recipes')")
 DEFAULT_ALIGNMENT = "safety-sft"
-# The evaluations a run makes: these sections of every defended model, harmfulness after each attack.
+# The evaluations a run makes: these sections of every defended model; after each attack, harmfulness
+# and the sections that attack declares (``post_attack_sections``).
 PRE_ATTACK_SECTIONS = "harmfulness,overrefusal,toxicity,capability,perplexity,trainability"
 POST_ATTACK_SECTIONS = "harmfulness"
 # Evaluation option ← the run option that sets it (unset ones are the suite's).
@@ -328,12 +329,17 @@ class RunConfig(RunOptions):
         for entry in self.attack_entries:
             cfg = self._checked(entry, lambda e=entry: self.attack_config(e, self.model, where))
             self._checked(entry, lambda c=cfg: expand_grid(c))
-        for sections in (PRE_ATTACK_SECTIONS, POST_ATTACK_SECTIONS):  # their judges too
+        post = [self.post_attack_sections(entry) for entry in self.attack_entries]
+        for sections in dict.fromkeys((PRE_ATTACK_SECTIONS, *post)):  # their judges too
             try:
                 self.eval_config("", sections)
             except ImmunizeError as err:  # named as the recipe's option (--eval_harmfulness_samples)
                 raise ImmunizeError(re.sub(r"^--(\w+)", lambda m: f"--{EVAL_OPTIONS.get(m[1], m[1])}",
                                            str(err))) from None
+
+    def post_attack_sections(self, entry: MethodEntry) -> str:
+        """What the evaluation after each budget of attack ``entry`` measures (``post_attack_sections``)."""
+        return post_attack_sections(entry.method)
 
     def eval_config(self, model: str, sections: str, **extra):
         """The evaluation of ``sections`` of ``model`` under this recipe."""
@@ -358,6 +364,15 @@ class RunConfig(RunOptions):
             raise ImmunizeError(f"{prefix}: {err}") from None
         except (ValueError, TypeError) as err:  # TrainingArguments' own checks
             raise ImmunizeError(f"{prefix}: {err}".splitlines()[0]) from None
+
+
+def post_attack_sections(attack: str) -> str:
+    """The evaluation sections after an attack ``attack`` (a registered name): harmfulness, which
+    every attack is judged on, then those its class declares (``Attack.post_attack_sections``), so
+    each attack is also measured on what it attacks (a toxicity attack by toxicity)."""
+    from immunize.attacks.registry import get_attack
+
+    return ",".join(dict.fromkeys((POST_ATTACK_SECTIONS, *get_attack(attack).post_attack_sections)))
 
 
 # The key a replicate expanded from ``seeds`` carries into ``_entry`` (not a recipe key: "seed" is shared).

@@ -17,7 +17,7 @@ from immunize.config import fingerprint, git_revision, package_versions, write_p
 from immunize.distributed import from_main, is_main, local_main_first, on_main
 from immunize.io import atomic_write_json, read_json, read_jsonl
 from immunize.judges.gate import identity as gate_identity
-from immunize.pipeline.recipe import POST_ATTACK_SECTIONS, PRE_ATTACK_SECTIONS, RunConfig
+from immunize.pipeline.recipe import PRE_ATTACK_SECTIONS, RunConfig
 from immunize.pipeline.stages import Progress, Stage, StageRunner
 from immunize.redact import redact, redact_argv
 
@@ -36,10 +36,25 @@ STABILITY_METRICS = {
 
 def budget_id(label: str, cfg, point: dict[str, Any]) -> str:
     """``{label}-lr{lr}-n{samples}-s{seed}`` plus any other swept option, e.g. ``sft-lr8e-05-n64-s42``."""
+    return _budget_name(label, cfg, point, f"-s{cfg.seed}")
+
+
+def group_id(label: str, cfg, point: dict[str, Any]) -> str:
+    """The budget id without its seed part, e.g. ``sft-lr8e-05-n64``: the budgets of one attack entry
+    whose grid points differ only in seed share it, and form one budget group (``immunize.verdict``)."""
+    return _budget_name(label, cfg, point, "")
+
+
+def _budget_name(label: str, cfg, point: dict[str, Any], seed: str) -> str:
     samples = "all" if cfg.num_samples is None else cfg.num_samples
     others = "".join(f"-{key}{value}" for key, value in point.items()
                      if key not in ("learning_rate", "num_samples", "seed"))
-    return f"{label}-lr{cfg.learning_rate:.10g}-n{samples}-s{cfg.seed}{others}"
+    return f"{label}-lr{cfg.learning_rate:.10g}-n{samples}{seed}{others}"
+
+
+def evaluation_weight(sections: str) -> float:
+    """An evaluation stage's cost in the ETA's units: harmfulness alone, or several sections."""
+    return 1.5 if "," in sections else 0.5
 
 
 class Experiment:
@@ -56,22 +71,27 @@ class Experiment:
             attack_cfg = cfg.attack_config(entry, cfg.model, str(self.root))
             rows = []
             for point, point_cfg in expand_grid(attack_cfg):
-                rows.append({"id": budget_id(entry.label, point_cfg, point), "label": entry.label,
+                rows.append({"id": budget_id(entry.label, point_cfg, point),
+                             "group": group_id(entry.label, point_cfg, point), "label": entry.label,
                              "attack": entry.method + ("-lora" if point_cfg.use_lora else ""),
                              "learning_rate": point_cfg.learning_rate, "num_samples": point_cfg.num_samples,
                              "epochs": point_cfg.num_train_epochs, "seed": point_cfg.seed,
                              "use_lora": point_cfg.use_lora, "point": point})
             self.attack_budgets[entry.label] = rows
             self.budgets += rows
+        # What each attack entry's budgets are evaluated on after the attack (its attack's choice).
+        self.post_sections = {entry.label: cfg.post_attack_sections(entry) for entry in cfg.attack_entries}
         # Stage counts and weights (the ETA's cost units) as planned: align, per defence a defend stage
         # and a pre-attack evaluation, per defence and attack entry an attack stage, per defence and
         # budget a post-attack evaluation, then the analysis.
         n_defences, n_budgets = len(cfg.defence_entries), len(self.budgets)
         stages = (int(cfg.alignment is not None) + n_defences * (2 + len(cfg.attack_entries) + n_budgets)
                   + int(cfg.analysis))
+        post_weight = sum(evaluation_weight(self.post_sections[b["label"]]) for b in self.budgets)
         self.progress = Progress(total=stages)
         self.progress.remaining_weight = (2.0 * (cfg.alignment is not None)
-                                          + n_defences * (3.0 + 1.5 + 2.0 * n_budgets + 0.5 * n_budgets)
+                                          + n_defences * (3.0 + evaluation_weight(PRE_ATTACK_SECTIONS)
+                                                          + 2.0 * n_budgets + post_weight)
                                           + 1.0 * cfg.analysis)
         self.stages = StageRunner(self.root, self.progress)
         self.models: dict[str, dict[str, Any]] = {}
@@ -164,7 +184,7 @@ class Experiment:
         config = self.cfg.eval_config(model, sections, **extra)
         stage = Stage("evaluate", label, {"model": model_key, "config": dataclasses.asdict(config) | {"model": ""},
                                           "judges": self.judges_state},
-                      weight=1.5 if "," in sections else 0.5)
+                      weight=evaluation_weight(sections))
 
         def work(path: Path) -> dict:
             evaluate(model, config=config, output_dir=path)
@@ -290,7 +310,8 @@ class Experiment:
                 self.models[label] = {"role": "attacked", "defence": name, "budget": budget["id"],
                                       "path": run["path"], "fingerprint": run_key}
                 self.models_key[label] = run_key
-                post[name][budget["id"]] = self.evaluate(label, run["path"], run_key, POST_ATTACK_SECTIONS)
+                post[name][budget["id"]] = self.evaluate(label, run["path"], run_key,
+                                                         self.post_sections[budget["label"]])
                 budget["steps"] = run["steps"]
 
         defence_info = {}
@@ -332,7 +353,7 @@ class Experiment:
 
     # -- results.json ------------------------------------------------------------------------
     def assemble(self, pre: dict, post: dict, attacked: dict) -> dict[str, Any]:
-        from immunize.verdict import thresholds
+        from immunize.verdict import group_budgets, thresholds
 
         labels = list(pre)
         harmfulness = {name: {"pre_attack": harm_cell(pre[name]["harmfulness"], pre[name]["_dir"])} for name in labels}
@@ -354,12 +375,12 @@ class Experiment:
             "models": self.models,
             "defences": labels,
             "budgets": [{k: v for k, v in b.items() if k != "point"} for b in self.budgets],
+            "budget_groups": group_budgets(self.budgets),
             "harmfulness": harmfulness,
             "curves": curves,
             "stability": {name: stability_cells(pre[name]) for name in labels},
             "trainability": trainability_cells(pre),
-            "toxicity": {name: {"pre_attack": toxicity_cell(pre[name].get("toxicity"), pre[name]["_dir"])}
-                         for name in labels if pre[name].get("toxicity")},
+            "toxicity": toxicity_cells(pre, post, self.budgets),
             "generalization": {},
             "samples": samples(pre, post, self.budgets),
         }
@@ -463,6 +484,18 @@ def toxicity_cell(doc: dict, directory: str | None = None) -> dict[str, Any]:
     return {"mean": m["toxicity"]["value"], "ci": m["toxicity"]["ci95"],
             "fraction_toxic": m["toxic_rate"]["value"], "n": m["toxicity"]["n"],
             **_examples(directory, doc, "toxicity", "toxicity")}
+
+
+def toxicity_cells(pre: dict, post: dict, budgets: list[dict]) -> dict[str, Any]:
+    """Per defence, its toxicity before any attack and after each budget whose post-attack
+    evaluation measured it (those of attacks that declare it: ``Attack.post_attack_sections``)."""
+    out = {}
+    for name in pre:
+        columns = [("pre_attack", pre[name]), *((b["id"], post[name][b["id"]]) for b in budgets)]
+        cells = {key: toxicity_cell(docs["toxicity"], docs["_dir"]) for key, docs in columns if docs.get("toxicity")}
+        if cells:
+            out[name] = cells
+    return out
 
 
 def trainability_cells(pre: dict) -> dict[str, Any]:

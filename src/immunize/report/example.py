@@ -10,6 +10,7 @@ Everything is derived from ``seed`` with private RNGs, so the same call gives th
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from pathlib import Path
@@ -292,3 +293,44 @@ def example_results(*, defence_wins: bool = True, seed: int = 0) -> dict:
 def write_example_run(run_dir: str | Path, **kwargs) -> Path:
     """Write ``example_results(**kwargs)`` to ``run_dir/results.json``; return that path."""
     return atomic_write_json(Path(run_dir) / "results.json", example_results(**kwargs))
+
+
+def with_attack_seeds(results: dict, budget: str, shifts: dict[int, float], defence: str = "repnoise") -> dict:
+    """A copy of ``results`` (an ``example_results``) whose budget ``budget`` ran under the attack
+    seeds of ``shifts``: budgets ``<budget>-s<seed>`` forming one budget group ``budget``, under which
+    ``defence``'s harmfulness after the attack (its curve, held-out categories included) is shifted
+    on every prompt by that seed's amount (keep the scores within [0, 1]) and the other defences'
+    is the original run's. Every budget gets its attack as its label; the verdict and comparisons are
+    recomputed."""
+    from immunize.verdict import comparison, group_budgets, immunization_verdict
+
+    results = copy.deepcopy(results)
+    budgets = []
+    for entry in results["budgets"]:
+        entry = {**entry, "label": entry["attack"], "group": entry["id"]}
+        if entry["id"] != budget:
+            budgets.append(entry)
+            continue
+        for seed, shift in shifts.items():
+            seeded = f"{budget}-s{seed}"
+            budgets.append({**entry, "id": seeded, "seed": seed})
+            for cells in (results["harmfulness"], results["generalization"]["cells"]):
+                for model, per in cells.items():
+                    per[seeded] = _shifted(per[budget], shift if model == defence else 0.0)
+            for model, per in results["curves"].items():
+                rise = shift if model == defence else 0.0  # after the attack's first step
+                per[seeded] = [{**p, "harmfulness": _clip(p["harmfulness"] + (rise if p["step"] else 0.0))}
+                               for p in per[budget]]
+    for cells in (results["harmfulness"], results["generalization"]["cells"], results["curves"]):
+        for per in cells.values():
+            per.pop(budget)
+    results["budgets"] = budgets
+    results["budget_groups"] = group_budgets(budgets)
+    results["verdict"] = immunization_verdict(results)
+    results["comparisons"] = [comparison(results, entry["a"], entry["b"]) for entry in results["comparisons"]]
+    return results
+
+
+def _shifted(cell: dict, shift: float) -> dict:
+    return {**cell, "mean": round(cell["mean"] + shift, 4), "ci": [round(b + shift, 4) for b in cell["ci"]],
+            "examples": [[key, round(value + shift, 4)] for key, value in cell["examples"]]}

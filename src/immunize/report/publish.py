@@ -18,7 +18,16 @@ import shlex
 from typing import Any
 
 from immunize.errors import ImmunizeError
-from immunize.report.build import _columns, _ordered, _verdict_rows, _what, ci_text, num, paired_cell
+from immunize.report.build import (
+    _columns,
+    _ordered,
+    _verdict_rows,
+    _what,
+    budget_outcomes,
+    ci_text,
+    num,
+    paired_cell,
+)
 from immunize.report.figures import metric_label
 from immunize.verdict import (
     EQUIVALENCE_MARGIN,
@@ -27,6 +36,7 @@ from immunize.verdict import (
     harm_outcome,
     outcome_text,
     reading_text,
+    spread_text,
     thresholds,
 )
 
@@ -122,21 +132,29 @@ def _delta(paired: dict | None) -> str:
 
 
 def _harm_row(results: dict, defence: str, cells: dict, paired_at, with_n: bool) -> list[str]:
-    """One defence's row of a harmfulness table; ``paired_at(key)``: the stored paired difference
-    in that column (None: not paired; False: the verdict pairs nothing there)."""
+    """One defence's row of a harmfulness table, a group's cell its worst seed's (``Column.pick``)
+    with the spread over seeds; ``paired_at(key)``: the stored paired difference of a budget (or
+    ``pre_attack``) with the undefended model (None: not paired; False: the verdict pairs nothing there)."""
     reference = defence == baseline(results)
     row = [f"{md(defence)} (undefended)" if reference else md(defence)]
-    for key, _, _ in _columns(results):
-        cell = cells.get(key)
+    for column in _columns(results):
+        key, cell = column.pick(cells)
         text = _value(cell, "mean", with_n)
         if cell and not reference and (paired := paired_at(key)) is not False:
             text += "<br>" + _delta(paired)
+        if cell and (seeds := column.spread(cells)):
+            text += "<br>" + spread_text(seeds)
         row.append(text)
     return row
 
 
 def _header(results: dict) -> list[str]:
-    return ["Defence", *(f"{md(title)}<br>{md(sub)}" for _, title, sub in _columns(results))]
+    """The columns' titles; with several attacks each group's title opens with its attack's label
+    (a markdown table has one header row, so nothing can span an attack's columns)."""
+    columns = _columns(results)
+    several = len({c.attack for c in columns if c.attack is not None}) > 1
+    return ["Defence", *(("" if not several or c.attack is None else f"**{md(c.attack)}**<br>")
+                         + f"{md(c.title)}<br>{md(c.sub)}" for c in columns)]
 
 
 def _main_table(results: dict, verdict: dict[str, dict]) -> str:
@@ -151,7 +169,13 @@ def _main_table(results: dict, verdict: dict[str, dict]) -> str:
     return _table(_header(results), rows,
                   "Mean harmfulness (0–1, lower is better) [95 % CI]. Δ: the paired difference with the "
                   "undefended model on the same prompts (defended − undefended), its paired bootstrap 95 % CI, "
-                  "n pairs and what it shows, as the run's verdict stored it.")
+                  "n pairs and what it shows, as the run's verdict stored it."
+                  + (" A budget run under several attack seeds shows its most harmful seed, then the spread over "
+                     "its seeds." if _several_seeds(results) else ""))
+
+
+def _several_seeds(results: dict) -> bool:
+    return any(len(c.budgets) > 1 for c in _columns(results))
 
 
 def _thresholds(results: dict, rows: list[dict]) -> tuple[float, float]:
@@ -167,8 +191,7 @@ def _verdict_table(results: dict, rows: list[dict]) -> str:
         part = row.get(key) if isinstance(row.get(key), dict) else {"status": row.get(key, NA)}
         text = md(part.get("status", NA))
         if key == "resistance":
-            text += "".join(f"<br>{md(bid)}: {md(r.get('level', NA))}"
-                            for bid, r in (part.get("per_budget") or {}).items())
+            text += "".join(f"<br>{md(name)}: {md(status)}" for name, status in budget_outcomes(part))
         return text
 
     conditions = ("resistance", "stability", "generalization", "trainability")
@@ -177,7 +200,8 @@ def _verdict_table(results: dict, rows: list[dict]) -> str:
     phi, epsilon = _thresholds(results, rows)
     return _table(["Defence", "Resistance", "Stability", "Generalization", "Trainability", "Immunized", "Why"],
                   body, f"The verdict of the run, with φ = {phi:g} and ε = {epsilon:g}; resistance: overall, "
-                        "then per budget.")
+                        "then per budget" + (" (under several attack seeds: the worst seed's)."
+                                             if _several_seeds(results) else "."))
 
 
 def _stability_table(results: dict, rows: list[dict]) -> str:

@@ -18,7 +18,7 @@ SCHEMA_VERSION = "immunize.results/1"
 REQUIRED = ("schema", "run", "defences", "budgets", "harmfulness")
 OPTIONAL_DICTS = ("settings", "models", "defence_info", "generalization", "curves", "stability", "trainability",
                   "toxicity", "analysis", "training")
-OPTIONAL_LISTS = ("samples", "verdict", "comparisons")
+OPTIONAL_LISTS = ("samples", "verdict", "comparisons", "budget_groups")
 
 
 _JSON_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
@@ -118,8 +118,12 @@ def validate_results(results: Any, source: str | Path = "results.json") -> dict:
         for key in ("learning_rate", "num_samples", "epochs", "steps"):
             if budget.get(key) is not None:
                 check.number(budget[key], f"budgets[{i}].{key}")
+        if budget.get("group") is not None:
+            check.kind(budget["group"], str, f"budgets[{i}].group")
     if len(set(ids)) != len(ids):
         check.fail("budgets", "duplicate budget ids")
+    if results.get("budget_groups") is not None:
+        _check_groups(check, check.kind(results["budget_groups"], list, "budget_groups"), results["budgets"])
     check.cells(results["harmfulness"], "harmfulness")
     if results.get("baseline") is not None:
         check.kind(results["baseline"], str, "baseline")
@@ -180,6 +184,34 @@ def validate_results(results: Any, source: str | Path = "results.json") -> dict:
     for i, entry in enumerate(results.get("comparisons") or []):
         _check_comparison(check, entry, defences, f"comparisons[{i}]")
     return results
+
+
+def _check_groups(check: _Checker, groups: list, budgets: list[dict]) -> None:
+    """``budget_groups``: every budget in exactly one group, the one its ``group`` names."""
+    group_of: dict[str, str] = {}
+    for i, group in enumerate(groups):
+        where = f"budget_groups[{i}]"
+        check.kind(group, dict, where)
+        gid = check.kind(group.get("id"), str, f"{where}.id")
+        check.kind(group.get("label"), str, f"{where}.label")
+        members = check.kind(group.get("budgets"), list, f"{where}.budgets")
+        seeds = check.kind(group.get("seeds"), list, f"{where}.seeds")
+        if not members or len(seeds) != len(members):
+            check.fail(where, "expected one seed per budget, and at least one budget")
+        for j, bid in enumerate(members):
+            if check.kind(bid, str, f"{where}.budgets[{j}]") in group_of:
+                check.fail(f"{where}.budgets[{j}]", f"{bid!r} is also in group {group_of[bid]!r}")
+            group_of[bid] = gid
+    if len({g["id"] for g in groups}) != len(groups):
+        check.fail("budget_groups", "duplicate group ids")
+    for i, budget in enumerate(budgets):
+        if budget["id"] not in group_of:
+            check.fail("budget_groups", f"budget {budget['id']!r} is in no group")
+        if budget.get("group") not in (None, group_of[budget["id"]]):
+            check.fail(f"budgets[{i}].group", f"{budget['group']!r}, but budget_groups puts it in "
+                                              f"{group_of[budget['id']]!r}")
+    if unknown := sorted(set(group_of) - {b["id"] for b in budgets}):
+        check.fail("budget_groups", f"no budget {unknown[0]!r} in budgets")
 
 
 def _check_comparison(check: _Checker, entry: Any, defences: list[str], where: str) -> None:
