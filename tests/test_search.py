@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 from transformers import TrainerCallback
 
-from immunize.attacks import AttackArguments, runner
+from immunize.attacks import AttackArguments, ReversedPreferenceArguments, runner
 from immunize.attacks import search as search_module
 from immunize.attacks.data import harmful_qa
 from immunize.attacks.registry import get_attack
@@ -235,13 +235,17 @@ def test_a_defence_that_keeps_no_capability_is_not_searched(tiny_checkpoint, rea
 
 # --- (4) the validation slice ----------------------------------------------------------------------
 
-def test_the_validation_slice_meets_no_evaluation_judge_or_training_prompt(tiny_checkpoint, real_data_root,
+@pytest.mark.parametrize("attack", ["sft", "dpo"])  # DPO orders its pairs otherwise: only the prompt check parts them
+def test_the_validation_slice_meets_no_evaluation_judge_or_training_prompt(attack, tiny_checkpoint, real_data_root,
                                                                           tmp_path):
-    cfg = attack_config(tiny_checkpoint, tmp_path, real_data_root)
-    search = search_args(search_num_samples=[8, 64], search_num_samples_step=8, search_validation_prompts=24)
+    config = AttackArguments if attack == "sft" else ReversedPreferenceArguments
+    cfg = config(**{"model": str(tiny_checkpoint), "output_dir": str(tmp_path), "data_root": str(real_data_root),
+                    **ATTACK, "attack": attack})
+    # 48 prompts past a cap of 128: a DPO trial of 128 pairs would otherwise share one of them.
+    search = search_args(search_num_samples=[8, 128], search_num_samples_step=24, search_validation_prompts=48)
     prompts = [p.prompt for p in validation_slice(cfg, search)]
     keys = [normalize_prompt(p) for p in prompts]
-    assert len(prompts) == 24 and len(set(keys)) == 24
+    assert len(prompts) == 48 and len(set(keys)) == 48
     assert all(split_of(p) == "attack" for p in prompts)
 
     splits = load_splits(root=real_data_root)
@@ -249,13 +253,14 @@ def test_the_validation_slice_meets_no_evaluation_judge_or_training_prompt(tiny_
     assert not any(in_trained_share(p) for p in prompts)
     assert not set(keys) & judge_training_prompts(str(real_data_root))
     # Every trial's training rows: each sample count of the space, in each prompt format.
-    attack, tokenizer = get_attack("sft")(), load_tokenizer(str(tiny_checkpoint))
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
     last = {normalize_prompt(p): i for i, (p, _) in enumerate(harmful_qa(splits))}
     for fmt in search.search_prompt_formats:
-        for n in range(8, 65, 8):
-            data = attack.prepare(dataclasses.replace(cfg, prompt_format=fmt), tokenizer, splits, n)
-            assert not set(keys) & {normalize_prompt(prompt) for prompt, _ in data.texts}, (fmt, n)
-            assert all(last[k] >= len(data.examples) + data.dropped for k in keys)  # a row past the cap
+        for n in range(8, 129, 24):
+            data = get_attack(attack)().prepare(dataclasses.replace(cfg, prompt_format=fmt), tokenizer, splits, n)
+            assert not set(keys) & {normalize_prompt(texts[0]) for texts in data.texts}, (fmt, n)
+            if attack == "sft":  # its training rows are a prefix of harmful_qa: validation has a row past it
+                assert all(last[k] >= len(data.examples) + data.dropped for k in keys)
 
 
 # --- (5) bad options ---------------------------------------------------------------------------------
