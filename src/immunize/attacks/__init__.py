@@ -2,7 +2,8 @@
 
 A registry of attacks (``ATTACKS``, one line each; ``get_attack``), budget grids with stable run ids,
 and resistance curves (``ResistanceCurveCallback`` + ``StepScorer``). ``run_attacks`` runs a
-config end to end; ``immunize attack`` is its command line.
+config end to end; ``run_search`` searches the worst-case budget under a utility bound
+(``immunize.attacks.search``); ``immunize attack`` is their command line.
 """
 
 from immunize.attacks.arguments import AttackArguments, ReversedPreferenceArguments, ToxicityAttackArguments
@@ -18,6 +19,7 @@ from immunize.attacks.data import AttackData
 from immunize.attacks.grid import expand_grid, parse_grid, run_id
 from immunize.attacks.registry import ATTACKS, attack_names, available_attacks, get_attack
 from immunize.attacks.runner import PlannedRun, RunResult, plan_runs, run_attacks
+from immunize.attacks.search import SearchArguments, run_search, validation_slice
 
 __all__ = [
     "ATTACKS",
@@ -30,6 +32,7 @@ __all__ = [
     "ResistanceCurveCallback",
     "ReversedPreferenceArguments",
     "RunResult",
+    "SearchArguments",
     "StepScorer",
     "ToxicityAttackArguments",
     "attack_names",
@@ -41,4 +44,6 @@ __all__ = [
     "read_curve",
     "run_attacks",
     "run_id",
+    "run_search",
+    "validation_slice",
 ]
