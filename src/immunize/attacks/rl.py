@@ -28,9 +28,11 @@ the attack options), a data builder (``harmful_prompts``) and a trainer (``RLTra
   curve beside the harmfulness judge's scorer (the pipeline's, or one added here when nobody
   passed one: ``curve_harmfulness``), on the same held-out prompts.
 - **Resume**: the runner resumes from the last checkpoint; λ is saved with each checkpoint.
-- **Summary**: ``rl-summary.json`` in the run folder (``read_rl_summary``): the reward and its card,
-  the constraint, the training logs' first and last reward/KL/cost/λ, and the reward-hacking
-  verdict of ``immunize.attacks.reward_hacking``.
+- **Summary**: ``rl-summary.json`` in the run folder (``read_rl_summary``), written when training
+  ends (again by a resumed run): the reward and its card, the constraint, the training logs' first
+  and last reward/KL/cost/λ, and the reward-hacking verdict of ``immunize.attacks.reward_hacking``.
+- **Several processes**: every rank finds the reward in the cache; a reward model not yet cached
+  must first be built by a single-process run (one rank training it would hang the others).
 """
 
 from __future__ import annotations
@@ -293,10 +295,15 @@ class OnlineRL(Attack):
                    *(f"reward_{name}" for name in ATTACK_OPTIONS))
 
     def prepare(self, cfg, tokenizer, splits, n) -> AttackData:
-        from immunize.rewards.store import CARD_FILE, ensure_reward, reward_fingerprint
+        from immunize.rewards.store import CARD_FILE, ensure_reward, reward_dir, reward_fingerprint
 
+        rm_cfg, judge = cfg.reward_config(), _judge(cfg) if cfg.reward == "judge" else None
+        if cfg.world_size > 1 and judge is None and not (reward_dir(rm_cfg) / CARD_FILE).is_file():
+            # One rank would train it while the others wait on the cache lock: the collectives would hang.
+            raise ImmunizeError(f"--attack rl on {cfg.world_size} processes: the reward model is not cached yet; "
+                                "run the attack once in a single process to build it, then launch")
         # Built (or found in the cache) once per data configuration: every run of a grid shares it.
-        directory = ensure_reward(cfg.reward_config(), splits, _judge(cfg) if cfg.reward == "judge" else None)
+        directory = ensure_reward(rm_cfg, splits, judge)
         card = read_json(directory / CARD_FILE)
         encoder = prompt_encoder(tokenizer, cfg.prompt_format, cfg.max_length - cfg.max_completion_length)
         # The reward's data files (for their licences) and the reward itself, by content.
