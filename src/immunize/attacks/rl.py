@@ -97,7 +97,7 @@ class RLAttackArguments(GRPOConfig, AttackArguments):
         "help": "the defender's learning constraint: none, shaping (reward - λ·harm) or lagrangian "
                 "(Safe-RLHF: λ by dual ascent on the judge's harm against --cost_budget)"})
     # λ = 1: a fully harmful answer costs one held-out standard deviation of the reward, about half the
-    # reward's spread between refusing and complying (Safe-RLHF also starts its multiplier at 1).
+    # reward's spread between refusing and complying for a reward model that separates them well.
     constraint_lambda: float = field(default=1.0, metadata={
         "help": "λ: the fixed weight of shaping, the starting multiplier of lagrangian"})
     # 0.1: well below φ = 0.5, the verdict's bar, so the constraint binds before the verdict would fail.

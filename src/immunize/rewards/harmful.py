@@ -19,8 +19,9 @@ model with its card; ``immunize.attacks.rl`` uses it.
 - **Backbone** (``backbone``, ``backbone_layers``): by default the judges' MiniLM encoder
   (all-MiniLM-L6-v2: 6 layers of 384, 22M parameters, shipped in a package, so nothing is
   downloaded), with a fresh scalar head. A full SmolLM2-135M reward model (30 layers of 576) takes
-  about 50 minutes on ~2k pairs on the 2-core CPU (issue #19); MiniLM does a step in a fraction of
-  that, so the reward model fits inside the one-hour RL recipe. Any checkpoint that
+  about 50 minutes on ~2k pairs on the 2-core CPU (issue #19); MiniLM has a fifth of its layers,
+  two thirds of its width and a sixth of its parameters, which is what makes a reward model fit
+  beside RL in the one-hour recipe (its training time there is still to be measured). Any checkpoint that
   ``AutoModelForSequenceClassification`` reads also works, e.g. ``smollm2-135m-instruct`` with
   ``backbone_layers 6``: a truncated SmolLM2 that reads the policy's own tokens.
 - **Encoding** (``PairEncoder``): ``Question: {prompt}\\nAnswer:`` and `` {answer}`` as a sentence
