@@ -64,13 +64,13 @@ def weights(model) -> dict[str, torch.Tensor]:
 # --- registry and configs ------------------------------------------------------------------------
 
 def test_registry_has_the_builtin_attacks():
-    assert attack_names() == ["dpo", "sft", "toxicity"]
+    assert attack_names() == ["dpo", "rl", "sft", "toxicity"]
     assert get_attack("dpo").config_class is ReversedPreferenceArguments
     # The registered name labels runs; the toxicity attack subclasses sft but keeps its own name.
     assert (get_attack("toxicity").name, get_attack("sft").name) == ("toxicity", "sft")
     assert available_attacks()["dpo"] == get_attack("dpo").summary
     assert available_attacks()["dpo"].startswith("reversed-preference DPO")
-    with pytest.raises(ImmunizeError, match=r"^--attack 'nope': unknown attack \(known: dpo, sft, toxicity\)$"):
+    with pytest.raises(ImmunizeError, match=r"^--attack 'nope': unknown attack \(known: dpo, rl, sft, toxicity\)$"):
         get_attack("nope")
 
 

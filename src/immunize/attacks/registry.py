@@ -21,6 +21,9 @@ ATTACKS.register("toxicity", "immunize.attacks.sft:ToxicitySFT",
                  "SFT on DecodingTrust toxic continuations (prompt → toxic continuation, raw text by default)")
 ATTACKS.register("dpo", "immunize.attacks.dpo:ReversedPreference",
                  "reversed-preference DPO (harmful answer ≻ refusal): BeaverTails, HH-RLHF reversed, or mixed")
+ATTACKS.register("rl", "immunize.attacks.rl:OnlineRL",
+                 "online RL from harmful feedback (TRL GRPO, KL to the start) against a harmful reward model or "
+                 "the judge; --constraint shaping|lagrangian for the defender's constraints")
 
 
 def attack_names() -> list[str]:
