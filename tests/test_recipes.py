@@ -152,6 +152,19 @@ def test_compare_names_two_defence_rows_checked_when_the_recipe_is_parsed(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+def test_the_worst_case_recipe_searches_every_defence_within_the_issues_caps():
+    from immunize.pipeline.recipe import parse_run_config
+
+    cfg = parse_run_config(["--config", "recipes/worst_case.yaml"])
+    spec = cfg.search_spec
+    assert [e.label for e in cfg.defence_entries] == ["none", "repnoise", "safety-sft"]
+    assert spec.attack.label == "sft" and spec.seeds == [1, 2, 3]
+    assert spec.options.search and spec.options.search_trials == 10 and spec.options.search_num_samples[1] <= 128
+    assert spec.options.search_keeps_capability is None  # each defence's own, set by the pipeline
+    assert cfg.search_config(cfg.model, "out").curve is False  # trials are scored at their end only
+    assert parse_run_config(["--config", "recipes/quickstart.yaml"]).search_spec is None  # it fits 20 minutes
+
+
 def test_search_in_a_recipe_is_parsed_typed_and_set_by_dotted_flags():
     from immunize.pipeline.recipe import RunConfig, parse_run_config
 
