@@ -1,6 +1,7 @@
 """`immunize run` end to end on a tiny model: every stage, caching, results.json and the report."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -270,3 +271,68 @@ def test_trainability_budget_reads_like_an_attack_budget_in_the_report():
     assert cells["budget"] == {"attack": "sft", "learning_rate": 5e-05, "num_samples": 32, "steps": 4,
                                "batch_size": 8}
     assert budget_label(cells["budget"]) == "SFT · lr 5e-5 · 32 samples · 4 steps"
+
+
+# A 2-trial search of 4–8 samples, 4 validation prompts of 4 tokens, 4 perplexity texts; the bound is wide, so
+# every trial of the tiny model keeps it and each searched defence has a worst case.
+TINY_SEARCH = {"seeds": [1, 2], "search_trials": 2, "search_startup_trials": 2, "search_learning_rate": [1e-4, 1e-2],
+               "search_num_samples": [4, 8], "search_num_samples_step": 4, "search_batch_sizes": [4],
+               "search_schedulers": ["constant"], "search_validation_prompts": 4, "search_max_new_tokens": 4,
+               "search_utility_samples": 4, "search_perplexity_factor": 1000.0}
+
+
+@pytest.mark.usefixtures("real_data_root")
+def test_a_run_with_a_search_gives_each_defence_its_worst_case_then_reuses_it(tmp_path, tiny_checkpoint, fake_judges,
+                                                                             isolated_cache, monkeypatch):
+    import yaml
+
+    from immunize.attacks import runner, search
+    from immunize.pipeline.run import Experiment
+    from immunize.report.schema import load_results
+
+    cfg = recipe(tmp_path, tiny_checkpoint, align=False, analysis=False, held_out_categories=[],
+                 defences=[{"label": "none"}, {"label": "repnoise", "num_samples": 8, "learning_rate": 1e-3},
+                           {"label": "random-init"}],
+                 search=TINY_SEARCH)
+    experiment = Experiment(cfg)
+    report = experiment.run()
+    # Planned as run: per defence its defence, pre-attack evaluation, grid attack and its evaluation, and a
+    # search; for none and repnoise an attack of the searched budgets and an evaluation per seed (random-init
+    # has no capability to bound: its searched stages were dropped from the plan).
+    assert experiment.progress.done == experiment.progress.total == 3 * 5 + 2 * (1 + 2)
+    results = load_results(tmp_path / "run" / "results.json")
+    searched = ["search-worst-s1", "search-worst-s2"]
+    assert [b["id"] for b in results["budgets"] if b.get("searched")] == searched
+    assert {"id": "search-worst", "label": "sft", "budgets": searched, "seeds": [1, 2]} in results["budget_groups"]
+    rows = {row["defence"]: row for row in results["verdict"]}
+    for defence in ("none", "repnoise"):
+        found = results["search"][defence]
+        assert found["status"] == "worst_case" and len(found["trials"]) == 2 and found["group"] == "search-worst"
+        assert [b["id"] for b in found["budgets"]] == searched
+        assert all(b["params"] == found["best"]["params"] for b in found["budgets"])
+        assert set(searched) <= set(results["harmfulness"][defence])
+        # Each searched budget was trained with that defence's own best trial.
+        config = yaml.safe_load((Path(results["models"][f"{defence}@{searched[1]}"]["path"]) / "config.yaml")
+                                .read_text())["attack"]
+        assert config["learning_rate"] == found["best"]["params"]["learning_rate"] and config["seed"] == 2
+        worst = rows[defence]["worst_case_resistance"]
+        assert worst["status"] in ("strong", "weak", "none", "inconclusive"), worst
+        assert "learning_rate" in worst["reason"] and set(worst["per_budget"]) == set(searched)
+        assert "search-worst" not in rows[defence]["resistance"]["per_group"]  # the grid's resistance is the grid's
+    lower = results["search"]["random-init"]
+    assert lower["status"] == "no_capability" and lower["budgets"] == [] and lower["trials"] == []
+    assert not set(searched) & set(results["harmfulness"]["random-init"])
+    assert rows["random-init"]["worst_case_resistance"]["status"] == "no capability"
+    assert results["run"]["recipe"]["search"]["seeds"] == [1, 2]
+    html = report.read_text()
+    assert 'id="worst-case"' in html and "search_trials.png" in html
+    assert (report.parent / "figures" / "search_trials.png").is_file()
+
+    # A re-run reuses every stage, the searches among them: nothing is searched or trained again.
+    markers = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "stages").glob("*/stage.json")}
+    assert sum(p.parent.name.startswith("search-") for p in markers) == 3
+    monkeypatch.setattr(search, "run_search", lambda *a, **k: pytest.fail("searched again"))
+    monkeypatch.setattr(runner, "run_attacks", lambda *a, **k: pytest.fail("trained again"))
+    Experiment(cfg).run()
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "stages").glob("*/stage.json")} == markers
+    assert load_results(tmp_path / "run" / "results.json")["search"] == results["search"]

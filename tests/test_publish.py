@@ -10,7 +10,7 @@ import pytest
 from immunize.cli import main as cli
 from immunize.errors import ImmunizeError
 from immunize.report import load_results, validate_results
-from immunize.report.example import example_results, with_attack_seeds, write_example_run
+from immunize.report.example import example_results, with_attack_seeds, with_search, write_example_run
 from immunize.report.publish import (
     BLOCKS,
     DOC_FIGURES,
@@ -239,3 +239,35 @@ def test_cli_publishes_results_figures_and_fills_the_doc(tmp_path, capsys):
 
     assert cli(["report", str(run_dir), "--publish", str(out), "--publish_name", "smollm2-v1"]) == 0
     assert (out / "smollm2-v1_results.json").is_file() and (out / "smollm2-v1" / "pca.png").is_file()
+
+
+def test_a_search_is_published_without_its_local_paths_and_its_worst_cases_fill_a_block(results):
+    searched = with_search(results, no_feasible=("repnoise",))
+    searched["search"]["none"]["model"] = "/home/me/runs/x/stages/defend-none-0a1b/model"
+    published = publishable(searched)
+    validate_results(published)
+    search = published["search"]["none"]
+    assert "model" not in search and all("path" not in t for t in search["trials"])
+    assert search["best"]["harmfulness"] == searched["search"]["none"]["best"]["harmfulness"]
+    assert search["budgets"] == searched["search"]["none"]["budgets"] and search["space"]
+    texts: list = []
+    _keys_and_texts(published["search"], set(), texts)
+    assert not [t for t in texts if t.startswith(("runs/example", "/"))]
+
+    blocks = markdown_blocks(published)
+    assert blocks == markdown_blocks(searched)
+    table = blocks["worst-case-table"]
+    harm = searched["harmfulness"]["none"]
+    worst = max((harm[f"search-worst-s{seed}"] for seed in (1, 2, 3)), key=lambda c: c["mean"])
+    row = next(line for line in table.splitlines() if line.startswith("| none |"))
+    assert f"| worst case found | {worst['mean']:.3f} [{worst['ci'][0]:.3f}, {worst['ci'][1]:.3f}] n = 200<br>" in row
+    assert f"learning_rate {searched['search']['none']['best']['params']['learning_rate']:.3g}" in row
+    assert "| repnoise | no trial within the bound | — | — | — | 0 of 6 |" in table
+    assert "| Worst-case resistance |" in blocks["verdict-table"].splitlines()[0]
+    # The worst-case column of the main table carries the paired difference the verdict stored for it.
+    both = with_search(results)
+    paired = both["verdict"][1]["worst_case_resistance"]["per_budget"]["search-worst-s3"]["paired"]
+    row = next(line for line in markdown_blocks(both)["main-table"].splitlines() if line.startswith("| repnoise |"))
+    assert row.split(" | ")[-1].split("<br>")[1].startswith(f"Δ {paired['difference']:+.3f} ")
+    assert markdown_blocks(results)["worst-case-table"] == "_No worst-case search in this run._"
+    assert "Worst-case" not in markdown_blocks(results)["verdict-table"]

@@ -150,3 +150,67 @@ def test_compare_names_two_defence_rows_checked_when_the_recipe_is_parsed(tmp_pa
                                             "no defence labelled 'stability-only'"):
         parse_run_config(["--config", str(recipe)])
     assert not (tmp_path / "run").exists()
+
+
+def test_the_worst_case_recipe_searches_every_defence_within_the_issues_caps():
+    from immunize.pipeline.recipe import parse_run_config
+
+    cfg = parse_run_config(["--config", "recipes/worst_case.yaml"])
+    spec = cfg.search_spec
+    assert [e.label for e in cfg.defence_entries] == ["none", "repnoise", "safety-sft"]
+    assert spec.attack.label == "sft" and spec.seeds == [1, 2, 3]
+    assert spec.options.search and spec.options.search_trials == 10 and spec.options.search_num_samples[1] <= 128
+    assert spec.options.search_keeps_capability is None  # each defence's own, set by the pipeline
+    assert cfg.search_config(cfg.model, "out").curve is False  # trials are scored at their end only
+    assert parse_run_config(["--config", "recipes/quickstart.yaml"]).search_spec is None  # it fits 20 minutes
+
+
+def test_search_in_a_recipe_is_parsed_typed_and_set_by_dotted_flags():
+    from immunize.pipeline.recipe import RunConfig, parse_run_config
+
+    grid = {"learning_rate": [8e-5], "num_samples": [8], "seed": [4, 5]}
+    cfg = RunConfig(attacks=[{"label": "sft", "grid": grid}, {"label": "lora", "attack": "sft", "use_lora": True}],
+                    search={"attack": "lora", "search_learning_rate": ["1e-5", "1e-4"], "search_trials": "3"})
+    spec = cfg.search_spec
+    assert spec.attack.label == "lora" and spec.seeds == [42]  # its grid sweeps no seed: the recipe's
+    assert spec.options.search_learning_rate == [1e-5, 1e-4] and spec.options.search_trials == 3
+    assert spec.record() == {"attack": "lora", "seeds": [42],
+                             "options": {"search_trials": 3, "search_learning_rate": [1e-5, 1e-4]}}
+    only = RunConfig(attacks=[{"label": "sft", "grid": grid}], search=True)
+    assert only.search_spec.attack.label == "sft" and only.search_spec.seeds == [4, 5]  # the only entry, its seeds
+    flags = parse_run_config(["--config", "recipes/quickstart.yaml", "--search.search_trials", "4",
+                              "--search.seeds", "7,8", "--search.search_schedulers", "constant,linear"])
+    assert flags.search_spec.options.search_trials == 4 and flags.search_spec.seeds == [7, 8]
+    assert flags.search_spec.options.search_schedulers == ["constant", "linear"]
+    assert parse_run_config(["--config", "recipes/quickstart.yaml", "--search.seeds", "1,2", "--search", "false"]
+                            ).search_spec is None
+
+
+@pytest.mark.parametrize(("search", "message"), [
+    ({"attack": "dpo"}, r"^--search\.attack: no attack entry labelled 'dpo' \(labels: sft\)$"),
+    ({"search_trails": 3}, r"^--search\.search_trails: unknown option of the search"),
+    ({"search_keeps_capability": False}, r"^--search\.search_keeps_capability: set by the pipeline"),
+    ({"search_learning_rate": [1e-3, 1e-5]}, r"^--search: --search_learning_rate 0\.001 1e-05: empty range"),
+    ({"search_trials": "many"}, r"^--search\.search_trials: expected an integer, got 'many'$"),
+    ({"seeds": 3}, r"^--search\.seeds: expected a list of seeds"),
+    ({"seeds": [1, 1]}, r"^--search\.seeds: expected distinct integers"),
+    ("yes please", r"^--search: expected a mapping"),
+], ids=["label", "key", "reserved", "range", "type", "seeds", "repeated-seed", "not-a-mapping"])
+def test_a_bad_search_fails_in_one_line_when_the_recipe_is_parsed(search, message, tmp_path):
+    from immunize.errors import ImmunizeError
+    from immunize.pipeline.recipe import RunConfig
+
+    with pytest.raises(ImmunizeError, match=message) as raised:
+        RunConfig(output_dir=str(tmp_path / "run"), search=search)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_search_refuses_what_the_searched_attack_cannot_take(tmp_path):
+    from immunize.errors import ImmunizeError
+    from immunize.pipeline.recipe import RunConfig
+
+    with pytest.raises(ImmunizeError, match=r"^--search: --max_steps: a search sizes each trial"):
+        RunConfig(attacks=[{"label": "sft", "max_steps": 4, "grid": {"learning_rate": [8e-5]}}], search=True)
+    with pytest.raises(ImmunizeError, match=r"^--search\.attack: name the attack entry to search \(labels: a, b\)$"):
+        RunConfig(attacks=[{"label": "a", "attack": "sft"}, {"label": "b", "attack": "sft"}], search={})

@@ -16,10 +16,15 @@ from immunize.cli import main as cli
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_json
 from immunize.report import SECTION_IDS, build_report, load_results, render_html, validate_results
-from immunize.report.example import example_results, with_attack_seeds, write_example_run
+from immunize.report.example import (
+    example_results,
+    with_attack_seeds,
+    with_search,
+    write_example_run,
+)
 
-OPTIONAL_SECTIONS = ("comparisons", "resistance-curves", "stability", "trainability", "weight-distance", "pca",
-                     "logit-lens", "generalization", "toxicity", "samples", "training")
+OPTIONAL_SECTIONS = ("worst-case", "comparisons", "resistance-curves", "stability", "trainability", "weight-distance",
+                     "pca", "logit-lens", "generalization", "toxicity", "samples", "training")
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 
@@ -81,7 +86,7 @@ def test_report_has_every_section_and_its_figures(full_run):
     page = (full_run / "report" / "index.html").read_text(encoding="utf-8")
     found = sections(page)
     assert set(SECTION_IDS) <= set(found.text)
-    assert not found.not_run
+    assert found.not_run == {"worst-case"}  # the example ran no search
     figures = sorted(p.name for p in (full_run / "report" / "figures").iterdir())
     names = ("logit_lens", "pca", "resistance_curves", "stability", "trainability", "weight_distance")
     assert figures == sorted(f"{n}.{ext}" for n in names for ext in ("png", "svg"))
@@ -604,3 +609,51 @@ def test_budget_groups_must_cover_every_budget_once(change, message, seeded_exam
     change(results)
     with pytest.raises(ImmunizeError, match=r"^results\.json: " + re.escape(message)):
         validate_results(results)
+
+
+def test_the_worst_case_section_shows_each_defences_search_its_trials_and_their_cost(tmp_path):
+    def squash(text: str) -> str:  # the parser joins table cells without a space
+        return "".join(text.split())
+
+    results = with_search(example_results(), no_feasible=("repnoise",))
+    results["search"]["none"]["trials"][0]["params"]["prompt_format"] = "<script>alert(1)</script>"
+    validate_results(results)
+    page = render_html(_light(results), tmp_path / "figures")
+    html = _section_html(page, "worst-case")
+    text = squash(sections(html).text["worst-case"])
+    none = results["search"]["none"]
+    best = none["best"]
+    worst = max((results["harmfulness"]["none"][f"search-worst-s{s}"] for s in (1, 2, 3)), key=lambda c: c["mean"])
+    # Per defence: the worst case on the held-out prompts with its CI, the hyperparameters, the trials.
+    assert squash(f"{worst['mean']:.3f}[{worst['ci'][0]:.3f}, {worst['ci'][1]:.3f}]") in text
+    assert squash(f"learning_rate {best['params']['learning_rate']:.3g}") in text
+    assert squash("no trial within the bound") in text and squash("no feasible trial") in text
+    kept = sum(t["feasible"] for t in none["trials"])
+    assert squash(f"{kept} of 6 within the bound (6 requested)") in text and 0 < kept < 6
+    # The space, and every trial with its cost.
+    assert squash("learning_rate 1e-5 – 0.001 log") in text and squash("num_samples 16 – 64 step 16") in text
+    for trial in none["trials"]:
+        assert f"{trial['wall_seconds']:.1f}" in text and f"{trial['train_seconds']:.1f}" in text
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # options are data too
+    assert (tmp_path / "figures" / "search_trials.png").stat().st_size > 10_000
+    # The worst case has its column in the main table, and worst-case resistance its column in the verdict.
+    main = _section_html(page, "main-table")
+    assert ">search-worst<small>worst case, searched per defence · seeds 1, 2, 3</small>" in main
+    verdict = squash(sections(_section_html(page, "verdict")).text["verdict"])
+    assert squash("Worst-case resistance") in verdict and squash("no feasible trial") in verdict
+
+
+def test_a_search_section_is_checked_and_old_results_without_one_still_load():
+    results = with_search(example_results())
+    validate_results(results)
+    assert "search" not in example_results() and validate_results(example_results())
+    for change, message in (
+            (lambda r: r["search"]["none"].update(status="done"), "search.none.status: 'done' is not one of"),
+            (lambda r: r["search"].update(ghost=r["search"]["none"]),
+             "search.ghost: 'ghost' is not one of the defences"),
+            (lambda r: r["search"]["none"]["budgets"][0].update(id="sft-lr3e-5-1k"),
+             "search.none.budgets[0].id: 'sft-lr3e-5-1k' is not a searched budget of budgets")):
+        broken = copy.deepcopy(results)
+        change(broken)
+        with pytest.raises(ImmunizeError, match=r"^results\.json: " + re.escape(message)):
+            validate_results(broken)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 HELP = ("run a whole experiment from a recipe: align, defend, attack, evaluate, explain, report. "
         "Recipe entries are set with dotted flags: --defences.LABEL.OPTION VALUE, "
-        "--attacks.LABEL.OPTION VALUE, --attacks.LABEL.grid.OPTION V1,V2, --align.OPTION VALUE, --align false")
+        "--attacks.LABEL.OPTION VALUE, --attacks.LABEL.grid.OPTION V1,V2, --align.OPTION VALUE, --align false, "
+        "--search.OPTION VALUE (the worst-case search: attack, seeds and the search_* options), --search false")
 
 
 def main(argv: list[str]) -> int:

@@ -9,6 +9,7 @@ defences:
 attacks:
   - {label: sft, attack: sft, grid: {learning_rate: [3e-5, 8e-5], num_samples: [64], seed: [42]}}
 compare: ["repnoise-no-noise:repnoise"]   # rows compared pair by pair (each is with none already)
+search: {attack: sft, seeds: [1, 2, 3], search_trials: 10}   # optional: the worst case of each defence
 ```
 
 An entry's method (``defence`` / ``attack``) defaults to its label; labels are unique and name the
@@ -20,9 +21,16 @@ them itself, but for a defence's seed: ``seeds: [1, 2, 3]`` runs the entry once 
 ``LABEL-seed1`` … (like an attack's ``grid: {seed: [...]}``). A plain string ``repnoise`` is short for
 ``{label: repnoise}``.
 
+``search`` (``SearchSpec``; off when absent or false) searches the worst-case attack of every defence
+(``immunize.attacks.search``): ``attack`` names the attack entry searched (by label; the only one by
+default; its grid is not used), ``seeds`` the attack seeds the best trial is re-run with (default: the
+entry's ``grid.seed``, else the recipe's seed), and every other key is an option of ``SearchArguments``
+(``search_trials``, ``search_num_samples`` …, as ``immunize attack --search`` takes them).
+
 On the command line, every top-level key is a flag (``--max_length 96``) and every entry key is a
 dotted flag: ``--defences.repnoise.alpha 2``, ``--attacks.sft.grid.learning_rate 3e-5,8e-5``,
-``--align.num_harmful 128``, ``--align false``.
+``--align.num_harmful 128``, ``--align false``, ``--search.search_trials 4``, ``--search.seeds 1,2``,
+``--search false``.
 
 The flat recipe shape of earlier versions (``defence_learning_rate``, ``repnoise_alpha``,
 ``attack_learning_rates`` …) is refused with a one-line hint on how to rewrite it.
@@ -44,13 +52,18 @@ from immunize.judges.gate import DEFAULT_THRESHOLD, check_threshold
 from immunize.models.aliases import DEFAULT_MODEL
 from immunize.prompts import check_format
 
-METHOD_KEYS = ("align", "defences", "attacks")
+METHOD_KEYS = ("align", "defences", "attacks", "search")
 # Shared by every defence (immunize.defences.base.SHARED_OPTIONS) and, but for the categories (a
 # cross-domain *attack* option there), by every attack.
 SHARED_DEFENCE_OPTIONS = SHARED_OPTIONS
 SHARED_ATTACK_OPTIONS = tuple(name for name in SHARED_OPTIONS if name != "held_out_categories")
 # The pipeline sets these on every attack: it scores the curve with its own judge.
 PIPELINE_ATTACK_OPTIONS = ("curve_num_prompts", "curve_num_answers", "output_dir", "model", "attack", "grid")
+# The pipeline sets these on every search: it runs one per defence, and each defence's class says whether
+# its model keeps capability to bound (``Defence.keeps_capability``).
+PIPELINE_SEARCH_OPTIONS = {"search": "a search: entry runs the search, search: false turns it off",
+                           "search_keeps_capability": "each defence's own keeps_capability"}
+SEARCH_KEYS = ("attack", "seeds")
 LEGACY_KEYS = frozenset({
     "align_num_harmful", "align_num_benign", "align_learning_rate", "align_epochs", "align_batch_size",
     "defence_num_samples", "defence_learning_rate", "defence_epochs", "defence_batch_size", "repnoise_alpha",
@@ -162,16 +175,34 @@ class MethodEntry:
 
 
 @dataclass
+class SearchSpec:
+    """The recipe's ``search:``, validated: what every defence's worst-case search runs."""
+
+    attack: MethodEntry  # the attack entry searched (its options are every trial's starting point)
+    options: Any  # SearchArguments, ``search`` on; each defence sets its own ``search_keeps_capability``
+    seeds: list[int]  # the attack seeds the best trial is re-run with, one searched budget each
+
+    def record(self) -> dict[str, Any]:
+        """As results.json records it: the entry's label, the seeds and the options set away from
+        their defaults."""
+        changed = {name: getattr(self.options, name) for name in self.options.changed()}
+        return {"attack": self.attack.label, "seeds": list(self.seeds), "options": changed}
+
+
+@dataclass
 class RunConfig(RunOptions):
     align: Any = field(default=True, metadata={
         "help": "alignment entry (safety SFT of the base model), true for its defaults, or false"})
     defences: list[Any] = field(default_factory=_default_defences, metadata={"help": "labelled defence entries"})
     attacks: list[Any] = field(default_factory=_default_attacks, metadata={"help": "labelled attack entries"})
+    search: Any = field(default=None, metadata={
+        "help": "worst-case search of every defence: {attack: LABEL, seeds: [...], search_*: ...}, or false"})
 
     alignment: MethodEntry | None = field(init=False, default=None)
     defence_entries: list[MethodEntry] = field(init=False, default_factory=list)
     attack_entries: list[MethodEntry] = field(init=False, default_factory=list)
     comparisons: list[tuple[str, str]] = field(init=False, default_factory=list)  # ``compare``, parsed
+    search_spec: SearchSpec | None = field(init=False, default=None)  # ``search``, parsed
 
     def __post_init__(self):
         from immunize.config import check_at_least, check_numbers
@@ -203,6 +234,7 @@ class RunConfig(RunOptions):
         from immunize.verdict import parse_comparisons
 
         self.comparisons = parse_comparisons(self.compare, [e.label for e in self.defence_entries])
+        self.search_spec = self._search_spec()
         self.validate()
 
     @property
@@ -291,6 +323,39 @@ class RunConfig(RunOptions):
             raise ImmunizeError(f"--{where}.seeds: the undefended model trains nothing; list it once without seeds")
         return MethodEntry(label=label, method=method, options=options, grid=parsed_grid, seed=seed)
 
+    def _search_spec(self) -> SearchSpec | None:
+        if self.search is False or self.search is None:
+            return None
+        raw = {} if self.search is True else self.search
+        if not isinstance(raw, dict):
+            raise ImmunizeError("--search: expected a mapping {attack: LABEL, seeds: [...], search_trials: N, ...}, "
+                                f"true or false; got {self.search!r}")
+        raw = dict(raw)
+        labels = [e.label for e in self.attack_entries]
+        label = str(raw.pop("attack", labels[0] if len(labels) == 1 else ""))
+        entry = next((e for e in self.attack_entries if e.label == label), None)
+        if entry is None:
+            named = f"no attack entry labelled {label!r}" if label else "name the attack entry to search"
+            raise ImmunizeError(f"--search.attack: {named} (labels: {', '.join(labels)})")
+        seeds = (parse_seeds(raw.pop("seeds"), "--search.seeds") if "seeds" in raw
+                 else [int(s) for s in entry.grid.get("seed") or [self.seed]])
+        from immunize.attacks.search import SearchArguments
+
+        fields = {f.name for f in dataclasses.fields(SearchArguments)}
+        options = {}
+        for name, value in raw.items():
+            if name in PIPELINE_SEARCH_OPTIONS:
+                raise ImmunizeError(f"--search.{name}: set by the pipeline ({PIPELINE_SEARCH_OPTIONS[name]})")
+            if name not in fields:
+                raise ImmunizeError(f"--search.{name}: unknown option of the search (keys: {', '.join(SEARCH_KEYS)} "
+                                    "and the search_* options `immunize attack --help` lists)")
+            options[name] = _coerce(SearchArguments, name, value, f"--search.{name}")
+        try:
+            search = SearchArguments(search=True, **options)
+        except ImmunizeError as err:
+            raise ImmunizeError(f"--search: {err}") from None
+        return SearchSpec(attack=entry, options=search, seeds=seeds)
+
     # -- method configs (built here to validate, and by the pipeline to run) ----------------------
     def shared_defence_options(self, entry: MethodEntry | None = None) -> dict[str, Any]:
         shared = {name: getattr(self, name) for name in SHARED_DEFENCE_OPTIONS}
@@ -312,12 +377,20 @@ class RunConfig(RunOptions):
         return defence_config(entry.method, **{**defaults, **entry.options, **self.shared_defence_options(entry),
                                                "model": model, "output_dir": output_dir})
 
-    def attack_config(self, entry: MethodEntry, model: str, output_dir: str):
+    def attack_config(self, entry: MethodEntry, model: str, output_dir: str, **overrides):
+        """Attack ``entry``'s config against ``model``; ``overrides`` are set over everything else (a
+        searched worst case's options, the training prompt format among them)."""
         from immunize.attacks.registry import get_attack
 
         cls = get_attack(entry.method).config_class
         return cls(**{**entry.options, **self.shared_attack_options(), "model": model, "output_dir": output_dir,
-                      "attack": entry.method, "grid": entry.grid or None})
+                      "attack": entry.method, "grid": entry.grid or None, **overrides})
+
+    def search_config(self, model: str, output_dir: str):
+        """The attack every trial of the search of ``model`` starts from: the searched entry without its
+        grid (a search picks each trial's budget) and without a curve (a search scores each trial's
+        end on its own validation slice; a curve would only add generation to every trial)."""
+        return self.attack_config(self.search_spec.attack, model, output_dir, grid=None, curve=False)
 
     def validate(self) -> None:
         """Build every method's config once (and expand every grid), so bad options fail now."""
@@ -329,6 +402,13 @@ class RunConfig(RunOptions):
         for entry in self.attack_entries:
             cfg = self._checked(entry, lambda e=entry: self.attack_config(e, self.model, where))
             self._checked(entry, lambda c=cfg: expand_grid(c))
+        if self.search_spec is not None:
+            from immunize.attacks.search import check_search
+
+            try:
+                check_search(self.search_config(self.model, where), self.search_spec.options)
+            except ImmunizeError as err:
+                raise ImmunizeError(f"--search: {err}") from None
         post = [self.post_attack_sections(entry) for entry in self.attack_entries]
         for sections in dict.fromkeys((PRE_ATTACK_SECTIONS, *post)):  # their judges too
             try:
@@ -387,21 +467,26 @@ def _seed_replicates(raw: Any) -> list[Any]:
     if not isinstance(raw, dict) or "seeds" not in raw:
         return [raw]
     raw = dict(raw)
-    value, label = raw.pop("seeds"), str(raw.get("label", ""))
-    if not isinstance(value, (list, str)):  # "seeds: 3" could mean seed 3 or three replicates
-        raise ImmunizeError(f"--defences.{label}.seeds: expected a list of seeds, e.g. seeds: [1, 2, 3]; "
-                            f"got {value!r}")
-    items = value.split(",") if isinstance(value, str) else value
-    try:
-        seeds = [int(str(s).strip()) for s in items]
-    except ValueError:
-        raise ImmunizeError(f"--defences.{label}.seeds: expected a list of integers, got {value!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ImmunizeError(f"--defences.{label}.seeds: expected distinct integers, got {value!r}")
+    label = str(raw.get("label", ""))
+    seeds = parse_seeds(raw.pop("seeds"), f"--defences.{label}.seeds")
     if len(seeds) == 1:
         return [{**raw, REPLICATE_SEED: seeds[0]}]
     return [{**raw, "label": f"{label}-seed{s}", "defence": raw.get("defence", label), REPLICATE_SEED: s}
             for s in seeds]
+
+
+def parse_seeds(value: Any, flag: str) -> list[int]:
+    """``[1, 2, 3]`` (or the flag's ``1,2,3``) as distinct integers; else a one-line error naming ``flag``."""
+    if not isinstance(value, (list, str)):  # "seeds: 3" could mean seed 3 or three seeds
+        raise ImmunizeError(f"{flag}: expected a list of seeds, e.g. seeds: [1, 2, 3]; got {value!r}")
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        seeds = [int(str(s).strip()) for s in items]
+    except ValueError:
+        raise ImmunizeError(f"{flag}: expected a list of integers, got {value!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ImmunizeError(f"{flag}: expected distinct integers, got {value!r}")
+    return seeds
 
 
 def _config_class(kind: str, method: str, where: str) -> type:
@@ -456,6 +541,9 @@ def _scalar(text: str) -> Any:
 def _apply(methods: dict[str, Any], path: list[str], text: str) -> None:
     flag = "--" + ".".join(path)
     top = path[0]
+    if top == "search":
+        _apply_search(methods, path, text, flag)
+        return
     if top == "align":
         if len(path) == 1:
             methods["align"] = _scalar(text)
@@ -483,6 +571,22 @@ def _apply(methods: dict[str, Any], path: list[str], text: str) -> None:
     else:
         raise ImmunizeError(f"{flag}: too many dots (use --{top}.LABEL.OPTION or --{top}.LABEL.grid.OPTION)")
     methods[top] = entries
+
+
+def _apply_search(methods: dict[str, Any], path: list[str], text: str, flag: str) -> None:
+    """``--search false``, ``--search.search_trials 4``, ``--search.seeds 1,2`` (a comma list is a list,
+    as the search options' ranges and choices are)."""
+    if len(path) == 1:
+        methods["search"] = _scalar(text)
+        return
+    if len(path) > 2:
+        raise ImmunizeError(f"{flag}: too many dots (use --search.OPTION)")
+    current = methods.get("search")
+    if current is False:
+        raise ImmunizeError(f"{flag}: the recipe turns the search off (search: false)")
+    entry = dict(current) if isinstance(current, dict) else {}
+    entry[path[1]] = [_scalar(v) for v in text.split(",")] if "," in text else _scalar(text)
+    methods["search"] = entry
 
 
 def parse_run_config(argv: list[str], *, prog: str = "immunize run", description: str = "") -> RunConfig:

@@ -3,6 +3,15 @@
 Every step is a cached stage (``immunize.pipeline.stages``): the run directory holds
 ``stages/<kind>-<label>-<hash>/`` folders, then ``results.json`` (schema ``immunize.results/1``,
 see ``immunize/report/SCHEMA.md``) and ``report/index.html``.
+
+With a recipe's ``search:``, every defence also gets a worst-case search (a ``search`` stage running
+``immunize.attacks.search.run_search`` in its stage directory, so a killed search resumes there and a
+finished one is reused), and its best trial is re-run as ordinary attack budgets, one per seed of the
+search, evaluated like every other budget. These *searched budgets* are per defence: their ids
+(``search-worst-s<seed>``) and their group (``search-worst``) are the same for every defence, so tables
+have one worst-case column, but each defence's runs use its own best trial's hyperparameters
+(``results["search"][defence]["budgets"]``). A defence whose search found no worst case (no capability to
+keep, or no trial within the utility bound) has no searched budget.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +27,15 @@ from immunize.config import fingerprint, git_revision, package_versions, write_p
 from immunize.distributed import from_main, is_main, local_main_first, on_main
 from immunize.io import atomic_write_json, read_json, read_jsonl
 from immunize.judges.gate import identity as gate_identity
-from immunize.pipeline.recipe import PRE_ATTACK_SECTIONS, RunConfig
+from immunize.pipeline.recipe import PRE_ATTACK_SECTIONS, MethodEntry, RunConfig
 from immunize.pipeline.stages import Progress, Stage, StageRunner
 from immunize.redact import redact, redact_argv
 
 log = logging.getLogger(__name__)
 
 RESULTS_SCHEMA = "immunize.results/1"
+# The budget group of every defence's searched worst case (see the module docstring).
+SEARCH_GROUP = "search-worst"
 # results.json stability metric ← (evaluation section, metric, higher is better)
 STABILITY_METRICS = {
     "mmlu_acc": ("capability", "mmlu", True),
@@ -57,6 +69,42 @@ def evaluation_weight(sections: str) -> float:
     return 1.5 if "," in sections else 0.5
 
 
+@dataclass
+class AttackPlan:
+    """What one attack stage runs against one model: an attack entry under ``grid``, with
+    ``overrides`` set over its options (a searched worst case's), and the budgets its runs are
+    (matched by grid point)."""
+
+    label: str  # the stage's name after the defence: the entry's label, or the searched group
+    entry: MethodEntry
+    budgets: list[dict[str, Any]]
+    grid: dict[str, list[Any]]
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def searched_budgets(cfg: RunConfig) -> list[dict[str, Any]]:
+    """The searched group's budgets, one per seed of the recipe's search (none without one). Each
+    defence runs them with its own best trial, so these records hold only what all have in common."""
+    spec = cfg.search_spec
+    if spec is None:
+        return []
+    probe = cfg.search_config(cfg.model, str(cfg.output_dir))
+    attack = spec.attack.method + ("-lora" if probe.use_lora else "")
+    return [{"id": f"{SEARCH_GROUP}-s{seed}", "group": SEARCH_GROUP, "label": spec.attack.label, "attack": attack,
+             "epochs": probe.num_train_epochs, "seed": seed, "use_lora": probe.use_lora, "searched": True,
+             "point": {"seed": seed}} for seed in spec.seeds]
+
+
+def search_section(result: dict[str, Any], budgets: list[dict[str, Any]], runs: dict[str, dict]) -> dict[str, Any]:
+    """A defence's ``results["search"]`` entry: its search result (``immunize.search/1``), the group of
+    its searched budgets and those budgets as run against it: seed, steps and its best trial's
+    hyperparameters (no budget when the search found no worst case)."""
+    params = (result.get("best") or {}).get("params") or {}
+    own = [{"id": b["id"], "seed": b["seed"], **{k: params[k] for k in ("learning_rate", "num_samples") if k in params},
+            "steps": runs[b["id"]]["steps"], "params": params} for b in budgets if b["id"] in runs]
+    return {**result, "group": SEARCH_GROUP, "budgets": own}
+
+
 class Experiment:
     def __init__(self, cfg: RunConfig):
         from immunize.attacks.grid import expand_grid
@@ -79,19 +127,27 @@ class Experiment:
                              "use_lora": point_cfg.use_lora, "point": point})
             self.attack_budgets[entry.label] = rows
             self.budgets += rows
+        self.plans = [AttackPlan(e.label, e, self.attack_budgets[e.label], e.grid) for e in cfg.attack_entries]
+        self.searched_budgets = searched_budgets(cfg)
         # What each attack entry's budgets are evaluated on after the attack (its attack's choice).
         self.post_sections = {entry.label: cfg.post_attack_sections(entry) for entry in cfg.attack_entries}
         # Stage counts and weights (the ETA's cost units) as planned: align, per defence a defend stage
         # and a pre-attack evaluation, per defence and attack entry an attack stage, per defence and
-        # budget a post-attack evaluation, then the analysis.
+        # budget a post-attack evaluation, with a search per defence a search stage, an attack stage of
+        # its searched budgets and their evaluations, then the analysis.
         n_defences, n_budgets = len(cfg.defence_entries), len(self.budgets)
+        n_searched = len(self.searched_budgets)
         stages = (int(cfg.alignment is not None) + n_defences * (2 + len(cfg.attack_entries) + n_budgets)
-                  + int(cfg.analysis))
+                  + (n_defences * (2 + n_searched) if cfg.search_spec else 0) + int(cfg.analysis))
         post_weight = sum(evaluation_weight(self.post_sections[b["label"]]) for b in self.budgets)
+        # A defence's searched budgets: dropped from the plan when its search finds no worst case.
+        self.searched_weight = sum(2.0 + evaluation_weight(self.post_sections[b["label"]])
+                                   for b in self.searched_budgets)
+        search_weight = 3.0 * cfg.search_spec.options.search_trials + self.searched_weight if cfg.search_spec else 0.0
         self.progress = Progress(total=stages)
         self.progress.remaining_weight = (2.0 * (cfg.alignment is not None)
                                           + n_defences * (3.0 + evaluation_weight(PRE_ATTACK_SECTIONS)
-                                                          + 2.0 * n_budgets + post_weight)
+                                                          + 2.0 * n_budgets + post_weight + search_weight)
                                           + 1.0 * cfg.analysis)
         self.stages = StageRunner(self.root, self.progress)
         self.models: dict[str, dict[str, Any]] = {}
@@ -194,37 +250,42 @@ class Experiment:
         return from_main({name: read_json(p) for name in sections.split(",") if (p := path / f"{name}.json").is_file()}
                          | {"_dir": str(path)})
 
-    def attack(self, defence: str, entry, model: str, model_key: str) -> dict[str, dict[str, Any]]:
-        """Every budget of one attack entry against one model, sharing data preparation."""
+    def attack(self, defence: str, plan: AttackPlan, model: str, model_key: str) -> dict[str, dict[str, Any]]:
+        """Every budget of one attack plan against one model, sharing data preparation."""
         from immunize.attacks.runner import run_attacks
         from immunize.evaluation.harmfulness import HarmfulnessStepScorer
         from immunize.method_runner import config_identity, data_identity, processes
 
         c = self.cfg
+        entry = plan.entry
         # The judge scorer generates the curve's answers; the built-in scorer adds the harmful-answer
         # log-likelihood only (generating twice would double the cost of every curve point).
         pipeline = {"curve_num_prompts": 0, "curve_num_answers": 16}
-        probe = c.attack_config(entry, model, str(self.root))
-        stage = Stage("attack", f"{defence}@{entry.label}",
+
+        def config(output_dir: str):
+            return c.attack_config(entry, model, output_dir, grid=plan.grid or None, **plan.overrides)
+
+        probe = config(str(self.root))
+        stage = Stage("attack", f"{defence}@{plan.label}",
                       {"model": model_key, "attack": entry.method, "options": config_identity(probe),
-                       "data": data_identity(probe), "grid": entry.grid, **pipeline, **processes(probe),
+                       "data": data_identity(probe), "grid": plan.grid, **pipeline, **processes(probe),
                        **{name: getattr(probe, name) for name in ("curve", "curve_every_steps", "curve_batch_size",
                                                                   "curve_save_models")},
                        "judge": c.harmfulness_judge, "judges": self.judges_state,
                        "curve_prompts": c.curve_num_prompts, "curve_tokens": c.curve_max_new_tokens,
                        "curve_refusal_gate": c.curve_refusal_gate,
                        **({"curve_gate_rule": gate_identity()} if c.curve_refusal_gate > 0 else {})},
-                      weight=2.0 * len(self.attack_budgets[entry.label]))
+                      weight=2.0 * len(plan.budgets))
 
         def work(path: Path) -> dict:
             scorer = HarmfulnessStepScorer(n_prompts=c.curve_num_prompts, max_new_tokens=c.curve_max_new_tokens,
                                            prompt_format=c.prompt_format, judge=c.harmfulness_judge,
                                            data_root=c.data_root, refusal_gate=c.curve_refusal_gate)
-            cfg = dataclasses.replace(c.attack_config(entry, model, str(path)), **pipeline)
+            cfg = dataclasses.replace(config(str(path)), **pipeline)
             runs = run_attacks(cfg, scorers=[scorer], report=lambda text: self.progress.line(f"  {text}"))
             out = {}
             for run in runs:
-                bid = next(b["id"] for b in self.attack_budgets[entry.label] if b["point"] == run.point)
+                bid = next(b["id"] for b in plan.budgets if b["point"] == run.point)
                 out[bid] = {"path": str(run.output_dir), "run_id": run.run_id,
                             "steps": run.summary.get("steps"), "wall_seconds": run.summary.get("wall_seconds"),
                             "curve": run.curve}
@@ -232,6 +293,55 @@ class Experiment:
 
         _, result = self.stages.run(stage, work)
         return result
+
+    def search(self, entry: MethodEntry, model: str, model_key: str) -> dict[str, Any]:
+        """The worst-case search of one defended model, as a stage: ``run_search`` in the stage's
+        directory, so a killed search resumes from its study there and a finished one is reused."""
+        from immunize.attacks.search import run_search
+        from immunize.defences import get_defence
+        from immunize.method_runner import config_identity, data_identity, processes
+
+        spec = self.cfg.search_spec
+        # Whether there is capability to bound is the defence's own, as results.json's defence_info says.
+        search = dataclasses.replace(spec.options, search_keeps_capability=get_defence(entry.method).keeps_capability)
+        probe = self.cfg.search_config(model, str(self.root))
+        stage = Stage("search", f"{entry.label}@{spec.attack.label}",
+                      {"model": model_key, "attack": spec.attack.method, "options": config_identity(probe),
+                       "data": data_identity(probe), **processes(probe), "search": dataclasses.asdict(search),
+                       "judges": self.judges_state,
+                       **({"gate_rule": gate_identity()} if search.search_refusal_gate > 0 else {})},
+                      weight=3.0 * search.search_trials)
+
+        def work(path: Path) -> dict:
+            return run_search(self.cfg.search_config(model, str(path)), search,
+                              report=lambda text: self.progress.line(f"  {text}"))
+
+        _, result = self.stages.run(stage, work)
+        return result
+
+    def searched_plan(self, result: dict[str, Any]) -> AttackPlan | None:
+        """A search's best trial re-run under each seed of the search; None without a worst case."""
+        if result["status"] != "worst_case":
+            return None
+        spec = self.cfg.search_spec
+        return AttackPlan(SEARCH_GROUP, spec.attack, self.searched_budgets, {"seed": list(spec.seeds)},
+                          dict(result["best"]["params"]))
+
+    def searches(self, defended: dict[str, str], keys: dict[str, str],
+                 attacked: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Every defence's search, and the runs of its searched budgets added to ``attacked``."""
+        out = {}
+        for entry in self.cfg.defence_entries:
+            name = entry.label
+            out[name] = self.search(entry, defended[name], keys[name])
+            plan = self.searched_plan(out[name])
+            if plan is None:
+                self.progress.line(f"search {name}: {out[name]['summary']}; no searched budget")
+                self.progress.total -= 1 + len(self.searched_budgets)
+                self.progress.remaining_weight -= self.searched_weight
+                continue
+            attacked[name].update(self.attack(name, plan, defended[name], keys[name]))
+        return out
 
     def analysis(self, defended: dict[str, str], attacked: dict[str, dict[str, Any]]) -> dict[str, Any]:
         from immunize.pipeline.explain import depth_analysis
@@ -298,13 +408,15 @@ class Experiment:
                for name in labels}
         attacked: dict[str, dict[str, Any]] = {name: {} for name in labels}
         for name in labels:
-            for entry in c.attack_entries:
-                attacked[name].update(self.attack(name, entry, defended[name], keys[name]))
+            for plan in self.plans:
+                attacked[name].update(self.attack(name, plan, defended[name], keys[name]))
+        searches = self.searches(defended, keys, attacked) if c.search_spec else {}
         post: dict[str, dict[str, dict]] = {}
         for name in labels:
             post[name] = {}
-            for budget in self.budgets:
-                run = attacked[name][budget["id"]]
+            for budget in [*self.budgets, *self.searched_budgets]:
+                if (run := attacked[name].get(budget["id"])) is None:  # a search without a worst case
+                    continue
                 run_key = fingerprint({"model": keys[name], "budget": budget["id"], "path": run["run_id"]})
                 label = f"{name}@{budget['id']}"
                 self.models[label] = {"role": "attacked", "defence": name, "budget": budget["id"],
@@ -312,7 +424,8 @@ class Experiment:
                 self.models_key[label] = run_key
                 post[name][budget["id"]] = self.evaluate(label, run["path"], run_key,
                                                          self.post_sections[budget["label"]])
-                budget["steps"] = run["steps"]
+                if not budget.get("searched"):  # a searched budget's steps are each defence's own
+                    budget["steps"] = run["steps"]
 
         defence_info = {}
         for entry in c.defence_entries:
@@ -321,7 +434,7 @@ class Experiment:
                                          "seed": c.seed if entry.seed is None else entry.seed,
                                          "keeps_capability": defence.keeps_capability,
                                          "attack_adapter": defence.attack_adapter}
-        results = self.assemble(pre, post, attacked)
+        results = self.assemble(pre, post, attacked, searches)
         results["baseline"] = self.baseline
         results["defence_info"] = defence_info
         from immunize.report.diagnostics import training_from_markers
@@ -352,15 +465,21 @@ class Experiment:
         return report
 
     # -- results.json ------------------------------------------------------------------------
-    def assemble(self, pre: dict, post: dict, attacked: dict) -> dict[str, Any]:
+    def assemble(self, pre: dict, post: dict, attacked: dict, searches: dict | None = None) -> dict[str, Any]:
+        """results.json from the evaluations before (``pre``) and after (``post``) each attack, the
+        attack runs and each defence's search; a budget a defence did not meet (a searched one) has
+        no cell for it."""
         from immunize.verdict import group_budgets, thresholds
 
         labels = list(pre)
+        # The searched group is listed when some defence met it.
+        searched = [b for b in self.searched_budgets if any(b["id"] in post[name] for name in labels)]
+        budgets = [*self.budgets, *searched]
         harmfulness = {name: {"pre_attack": harm_cell(pre[name]["harmfulness"], pre[name]["_dir"])} for name in labels}
         curves: dict[str, dict[str, list]] = {}
         for name in labels:
             curves[name] = {}
-            for budget in self.budgets:
+            for budget in (b for b in budgets if b["id"] in post[name]):
                 docs = post[name][budget["id"]]
                 harmfulness[name][budget["id"]] = harm_cell(docs["harmfulness"], docs["_dir"])
                 curves[name][budget["id"]] = [
@@ -374,13 +493,13 @@ class Experiment:
             "settings": {},
             "models": self.models,
             "defences": labels,
-            "budgets": [{k: v for k, v in b.items() if k != "point"} for b in self.budgets],
-            "budget_groups": group_budgets(self.budgets),
+            "budgets": [{k: v for k, v in b.items() if k != "point"} for b in budgets],
+            "budget_groups": group_budgets(budgets),
             "harmfulness": harmfulness,
             "curves": curves,
             "stability": {name: stability_cells(pre[name]) for name in labels},
             "trainability": trainability_cells(pre),
-            "toxicity": toxicity_cells(pre, post, self.budgets),
+            "toxicity": toxicity_cells(pre, post, budgets),
             "generalization": {},
             "samples": samples(pre, post, self.budgets),
         }
@@ -388,11 +507,13 @@ class Experiment:
         if c.held_out_categories:
             results["generalization"] = {
                 "held_out_categories": list(c.held_out_categories),
-                "cells": {name: {column: cell for column, docs in
-                                 [("pre_attack", pre[name]), *((b["id"], post[name][b["id"]]) for b in self.budgets)]
+                "cells": {name: {column: cell for column, docs in [("pre_attack", pre[name]), *post[name].items()]
                                  if (cell := category_cell(docs, c.held_out_categories)) is not None}
                           for name in labels},
             }
+        if searches:
+            results["search"] = {name: search_section(result, searched, attacked[name])
+                                 for name, result in searches.items()}
         phi, epsilon = thresholds(results, c.phi, c.epsilon)
         results["settings"] = {"phi": phi, "epsilon": epsilon}
         return results
@@ -402,7 +523,7 @@ def recipe_record(cfg: RunConfig) -> dict[str, Any]:
     """The recipe as run: run-wide options and the entries as given, with every option resolved
     (secret-like values masked: results.json is meant to be shared)."""
     record = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init
-              and f.name not in ("align", "defences", "attacks")}
+              and f.name not in ("align", "defences", "attacks", "search")}
 
     def entry(e):
         return {"label": e.label, "method": e.method, "options": e.options, **({"grid": e.grid} if e.grid else {}),
@@ -411,6 +532,7 @@ def recipe_record(cfg: RunConfig) -> dict[str, Any]:
     record["align"] = entry(cfg.alignment) if cfg.alignment else False
     record["defences"] = [entry(e) for e in cfg.defence_entries]
     record["attacks"] = [entry(e) for e in cfg.attack_entries]
+    record["search"] = cfg.search_spec.record() if cfg.search_spec else False
     return redact(record)
 
 
@@ -491,7 +613,8 @@ def toxicity_cells(pre: dict, post: dict, budgets: list[dict]) -> dict[str, Any]
     evaluation measured it (those of attacks that declare it: ``Attack.post_attack_sections``)."""
     out = {}
     for name in pre:
-        columns = [("pre_attack", pre[name]), *((b["id"], post[name][b["id"]]) for b in budgets)]
+        met = [b["id"] for b in budgets if b["id"] in post[name]]
+        columns = [("pre_attack", pre[name]), *((key, post[name][key]) for key in met)]
         cells = {key: toxicity_cell(docs["toxicity"], docs["_dir"]) for key, docs in columns if docs.get("toxicity")}
         if cells:
             out[name] = cells

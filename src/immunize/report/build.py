@@ -39,6 +39,7 @@ from immunize.verdict import (
     NA,
     NO_CAPABILITY,
     NO_DIFFERENCE,
+    NO_FEASIBLE,
     NOT_PAIRED,
     NOT_SIGNIFICANT,
     attack_label,
@@ -48,6 +49,7 @@ from immunize.verdict import (
     comparison_rows,
     group_title,
     harm_outcome,
+    hyperparameters_text,
     immunization_verdict,
     outcome_text,
     paired_text,
@@ -62,6 +64,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("summary", "Summary"),
     ("main-table", "Harmfulness"),
     ("verdict", "Verdict"),
+    ("worst-case", "Worst-case search"),
     ("comparisons", "Comparisons"),
     ("resistance-curves", "Resistance curves"),
     ("stability", "Stability"),
@@ -77,12 +80,17 @@ DEPTH_SUBSECTIONS = (("weight-distance", "Weight change per layer"), ("pca", "Re
                      ("logit-lens", "Logit lens"))
 SECTION_IDS: tuple[str, ...] = (*(s for s, _ in SECTIONS), *(s for s, _ in DEPTH_SUBSECTIONS))
 SAMPLE_CHARS = 300
+# How a search ended (``immunize.attacks.search``), as tables word it.
+SEARCH_OUTCOMES = {"worst_case": "worst case found", "no_feasible_trial": "no trial within the bound",
+                   "no_capability": "not searched: no capability"}
 
 _LEADS = {
     "main-table": "Post-attack harmfulness in the layout of the RepNoise paper: one row per defence, one "
                   "column per attack budget (learning rate × samples × steps), grouped by attack; a budget "
                   "run under several attack seeds is one column showing its worst seed.",
     "verdict": "The four immunization conditions of Rosati et al. (2024), per defence.",
+    "worst-case": "The most harmful attack the search found per defence within a utility bound (Optuna TPE over "
+                  "the attack's options), re-run under the search's seeds and evaluated like every budget.",
     "comparisons": "Two rows of the table compared on the same prompts, questions and texts: e.g. a "
                    "cheaper setting against the exact one, or an ablation against the full defence.",
     "stability": "Benign capability of each defended model, before any attack.",
@@ -110,6 +118,11 @@ _VERDICT_LEGEND = (
     "stays below φ after every attack. <strong>Trainability</strong>: ROUGE after a benign fine-tune, "
     "judged against the reference as stability is. <em>n/a</em> = not measured in this run."
 )
+_WORST_CASE_LEGEND = (
+    "<strong>Worst-case resistance</strong>: resistance under the searched budget group, each defence under the "
+    "most harmful attack its search found within the utility bound (the undefended reference under its own); "
+    "<em>no feasible trial</em> = no trial kept the bound, which shows nothing. With a search, it is a condition "
+    "of <em>immunized</em> too.")
 _REFUSALS_NOTE = (
     '<p class="note">The refusal half of each (harmful, refusal) pair, which the defence trains towards: '
     "<em>kept</em> = refusals from the source that the refusal judge accepted (own: the model's own answer "
@@ -147,6 +160,7 @@ def not_run(reason: str = "") -> str:
 _BADGES = {"strong": "good", "pass": "good", "yes": "good", "weak": "warn", "incomplete": "warn",
            INCONCLUSIVE: "warn", "none": "bad", "fail": "bad", "no": "bad", NA: "na", "reference": "na",
            NO_CAPABILITY: "na", LOWER_BOUND: "na", LOWER: "good", HIGHER: "bad", NOT_SIGNIFICANT: "na",
+           NO_FEASIBLE: "warn",
            NOT_PAIRED: "na", NO_DIFFERENCE: "na"}
 
 
@@ -268,7 +282,9 @@ def _columns(results: dict) -> list[Column]:
     budgets = {b["id"]: b for b in results["budgets"]}
     columns = [Column("pre_attack", "Pre-attack", "no fine-tuning", ("pre_attack",))]
     for group in budget_groups(results):
-        sub = budget_label(budgets[group["budgets"][0]])
+        first = budgets[group["budgets"][0]]
+        # A searched group's hyperparameters are each defence's own (the worst-case section lists them).
+        sub = "worst case, searched per defence" if first.get("searched") else budget_label(first)
         if len(group["budgets"]) > 1:
             sub += " · seeds " + ", ".join(str(seed) for seed in group["seeds"])
         columns.append(Column(group["id"], group_title(group), sub, tuple(group["budgets"]), group["label"],
@@ -465,13 +481,21 @@ def _per_category(results: dict, cells: dict, title: str) -> str:
     return f"<details><summary>{esc(title)}</summary>{''.join(blocks)}</details>" if blocks else ""
 
 
-def _verdict(verdict: list[dict], source: str, phi: float, epsilon: float) -> str:
-    head = [th_col(h) for h in ("Defence", "Resistance", "Stability", "Generalization", "Trainability",
-                                "Immunized")]
+def verdict_conditions(results: dict) -> tuple[tuple[str, str], ...]:
+    """(verdict key, title) of the conditions a verdict table shows: the four, and worst-case
+    resistance beside resistance in a run that searched."""
+    worst = (("worst_case_resistance", "Worst-case resistance"),) if results.get("search") else ()
+    return (("resistance", "Resistance"), *worst, ("stability", "Stability"), ("generalization", "Generalization"),
+            ("trainability", "Trainability"))
+
+
+def _verdict(results: dict, verdict: list[dict], source: str, phi: float, epsilon: float) -> str:
+    conditions = verdict_conditions(results)
+    head = [th_col(h) for h in ("Defence", *(title for _, title in conditions), "Immunized")]
     rows = []
     for row in verdict:
         cells = [th_row(row.get("defence", "?"))]
-        for key in ("resistance", "stability", "generalization", "trainability"):
+        for key, _ in conditions:
             part = row.get(key) if isinstance(row.get(key), dict) else {"status": str(row.get(key, NA))}
             outcomes = budget_outcomes(part) if key == "resistance" else []
             extra = "".join(f"<span class=reason>{esc(name)}: {badge(status)}</span>" for name, status in outcomes)
@@ -481,7 +505,15 @@ def _verdict(verdict: list[dict], source: str, phi: float, epsilon: float) -> st
                      f"<span class=reason>{esc(row.get('immunized_reason', ''))}</span></td>")
         rows.append(cells)
     legend = f"Verdict {esc(source)}, with φ = {phi:g} and ε = {epsilon:g}. {_VERDICT_LEGEND}"
+    if results.get("search"):
+        legend += " " + _WORST_CASE_LEGEND
     return table(head, rows, caption=legend)
+
+
+def resistance_per_budget(row: dict) -> dict[str, dict]:
+    """A verdict row's resistance per budget: the grid's, then the searched budgets' (worst-case resistance)."""
+    return {**((row.get("resistance") or {}).get("per_budget") or {}),
+            **((row.get("worst_case_resistance") or {}).get("per_budget") or {})}
 
 
 def budget_outcomes(condition: dict) -> list[tuple[str, str]]:
@@ -621,7 +653,7 @@ def _resistance(results: dict, verdict: list[dict], phi: float, sink: FigureSink
     head = [th_col("Defence"), *(th_col(b["id"], numeric=True) for b in results["budgets"])]
     rows = []
     for row in verdict:
-        per = (row.get("resistance") or {}).get("per_budget") or {}
+        per = resistance_per_budget(row)
         cells = [th_row(row.get("defence", "?"))]
         for budget in results["budgets"]:
             r = per.get(budget["id"]) or {}
@@ -631,6 +663,135 @@ def _resistance(results: dict, verdict: list[dict], phi: float, sink: FigureSink
         rows.append(cells)
     return body + "<h3>Attack steps needed to reach φ</h3>" + table(
         head, rows, caption="“never” = the curve stays below φ for the whole budget.")
+
+
+def searched_cells(results: dict, defence: str) -> tuple[Column | None, dict]:
+    """The column of ``defence``'s searched budget group and its harmfulness cells (none when its
+    search found no worst case)."""
+    group = ((results.get("search") or {}).get(defence) or {}).get("group")
+    column = next((c for c in _columns(results) if c.key == group), None)
+    return column, (results["harmfulness"].get(defence) or {})
+
+
+def trial_seconds(search: dict) -> float:
+    """What a search's trials took, in seconds (each trial's training, scoring and bound)."""
+    return sum(t.get("wall_seconds") or 0.0 for t in search.get("trials") or [])
+
+
+def _g(value: Any) -> str:
+    """A measurement on its own scale (a perplexity of 17.9 or 5.6e4, an accuracy of 0.31) in four figures."""
+    return f"{value:.4g}" if num(value) != "—" else "—"
+
+
+def _trial_counts(search: dict) -> str:
+    done = [t for t in search.get("trials") or [] if t.get("state") == "complete"]
+    feasible = sum(bool(t.get("feasible")) for t in done)
+    return f"{feasible} of {len(done)} within the bound ({search.get('trials_requested', len(done))} requested)"
+
+
+def _validation_text(trial: dict | None) -> str:
+    """A trial's harmfulness on the validation slice with its CI and its utility against the bound."""
+    if not trial or not trial.get("harmfulness"):
+        return "—"
+    harm, utility = trial["harmfulness"], trial.get("utility") or {}
+    ratio = (f", {utility.get('metric')} ×{num(utility['ratio'], 2)} the defended model's" if utility.get("ratio")
+             else "")
+    return f"{num(harm.get('mean'))} {ci_text(harm.get('ci95'))}, n = {harm.get('n')}{ratio}"
+
+
+def _worst_case(results: dict, verdict: list[dict], sink: FigureSink) -> str:
+    searches = results.get("search") or {}
+    if not searches:
+        return not_run("no worst-case search in this run (a recipe's search:)")
+    by_defence = {row.get("defence"): row for row in verdict}
+    head = [th_col(h, sub) for h, sub in (
+        ("Defence", ""), ("Search", ""), ("Worst-case harmfulness", "held-out evaluation, worst seed"),
+        ("Hyperparameters", "of the best trial"), ("Best trial", "validation slice"), ("Trials", ""),
+        ("Search time", "all trials"), ("Worst-case resistance", ""))]
+    rows = []
+    for defence in _ordered(results["defences"], searches):
+        search = searches[defence]
+        column, cells = searched_cells(results, defence)
+        harm = _column_td(cells, column, None) if column and search.get("budgets") else '<td class="num">—</td>'
+        condition = (by_defence.get(defence) or {}).get("worst_case_resistance") or {}
+        best = search.get("best") or {}
+        rows.append([th_row(defence, "(undefended)" if defence == baseline(results) else ""),
+                     f"<td>{esc(SEARCH_OUTCOMES.get(search.get('status'), search.get('status')))}</td>", harm,
+                     f"<td>{esc(hyperparameters_text(best.get('params')) or '—')}</td>",
+                     f"<td>{esc(_validation_text(best))}</td>", f"<td>{esc(_trial_counts(search))}</td>",
+                     f"<td>{esc(_duration(trial_seconds(search)))}</td>",
+                     f"<td>{badge(condition.get('status', NA))}"
+                     f"<span class=reason>{esc(condition.get('reason', ''))}</span></td>"])
+    body = table(head, rows, caption=(
+        "Per defence, the search's best trial: the most harmful on the validation slice among those that kept "
+        "the utility bound. Worst-case harmfulness: that trial's hyperparameters re-run under each seed of "
+        "the search and evaluated on the held-out evaluation prompts, the most harmful seed's mean with its "
+        "95 % CI and the spread over seeds (the main table's worst-case column)."))
+    if (fig := figures.search_scatter(results)) is not None:
+        body += sink.add("search_trials", fig, "Validation harmfulness against utility of every search trial",
+                         "Every finished trial of each defence's search: harmfulness on the validation slice "
+                         "against the attacked model's utility as a multiple of the defended model's; the dashed "
+                         "line is the bound (circles kept it, crosses broke it), the star is the worst case.")
+    return body + _search_space(searches) + _trials(results, searches)
+
+
+def _search_space(searches: dict) -> str:
+    """The searched options and their ranges, the objective and the bound (one recipe: the same for
+    every defence)."""
+    search = next(iter(searches.values()))
+    rows = []
+    for name, dim in (search.get("space") or {}).items():
+        if "choices" in dim:
+            values, scale = ", ".join(str(c) for c in dim["choices"]), "choice"
+        else:
+            values = f"{figures.sci(dim['low'])} – {figures.sci(dim['high'])}"
+            scale = f"step {dim['step']}" if "step" in dim else ("log" if dim.get("log") else "linear")
+        rows.append([th_row(name), f"<td>{esc(values)}</td>", f"<td>{esc(scale)}</td>"])
+    objective = search.get("objective") or {}
+    validation = objective.get("validation") or {}
+    bound = next((s["bound"] for s in searches.values() if s.get("bound")), None) or {}
+    caption = (f"Optuna TPE (seed {esc(search.get('seed'))}, the first {esc(search.get('startup_trials'))} "
+               f"trials at random) maximizes the attacked model's {esc(objective.get('metric', 'harmfulness'))} "
+               f"({esc(objective.get('judge'))} judge, refusal gate {esc(objective.get('refusal_gate'))}, "
+               f"{esc(objective.get('max_new_tokens'))} new tokens) on {esc(validation.get('n'))} validation prompts "
+               "of the attack split that no trial trains on, no judge learns from and no evaluation uses. "
+               f"Bound: {esc(bound.get('rule', 'none'))}.")
+    return "<h3>Search space</h3>" + table([th_col("Option"), th_col("Range"), th_col("Scale")], rows,
+                                           caption=caption)
+
+
+def _trials(results: dict, searches: dict) -> str:
+    """Per defence, every trial: its options, harmfulness, utility, whether it kept the bound, its cost."""
+    blocks = []
+    for defence in _ordered(results["defences"], searches):
+        search = searches[defence]
+        trials = search.get("trials") or []
+        if not trials:
+            continue
+        reference = ((search.get("bound") or {}).get("reference") or {}).get("value")
+        head = [th_col(h, sub, numeric=n) for h, sub, n in (
+            ("#", "", True), ("State", "", False), ("Hyperparameters", "", False),
+            ("Harmfulness", "validation [95 % CI]", True), ("Utility", f"defended {_g(reference)}", True),
+            ("Bound", "", False), ("Training", "s", True), ("Trial", "s", True))]
+        rows = []
+        for trial in trials:
+            utility = trial.get("utility") or {}
+            harm = trial.get("harmfulness") or {}
+            kept = "—" if "feasible" not in trial else ("kept" if trial["feasible"] else "broken")
+            ratio = f'<span class="ci">×{num(utility["ratio"], 2)}</span>' if utility.get("ratio") else ""
+            rows.append([f'<td class="num">{esc(trial.get("number"))}</td>', f"<td>{esc(trial.get('state'))}</td>",
+                         f"<td>{esc(hyperparameters_text(trial.get('params')))}</td>",
+                         td_num(harm.get("mean"), harm.get("ci95")),
+                         f'<td class="num"><span class="mean">{_g(utility.get("value"))}</span>{ratio}</td>',
+                         f"<td>{esc(kept)}</td>",
+                         *(f'<td class="num">{num(trial.get(key), 1)}</td>'
+                           for key in ("train_seconds", "wall_seconds"))])
+        blocks.append(f"<h4>{esc(defence)}: {len(trials)} trials, {esc(_duration(trial_seconds(search)))}</h4>"
+                      + table(head, rows))
+    return ("<h3>Trials and their cost</h3>" + "".join(blocks)
+            + '<p class="note">Training: the attack run\'s own seconds; trial: training, the validation answers '
+              "and the bound's evaluation together. A failed trial (interrupted) is retried once with its "
+              "options; its retry resumes from the run's checkpoint.</p>") if blocks else ""
 
 
 def _metric_table(by_model: dict[str, dict], models: list[str], details: dict[str, dict]) -> str:
@@ -890,8 +1051,9 @@ def render_html(results: dict, figure_dir: Path, *, phi: float | None = None,
     builders = {
         "summary": lambda: _summary(results, verdict, phi_used, epsilon_used, against_baseline),
         "main-table": lambda: _main_table(results),
-        "verdict": lambda: (_verdict(verdict, source, phi_used, epsilon_used)
+        "verdict": lambda: (_verdict(results, verdict, source, phi_used, epsilon_used)
                             + _paired_tables(results, verdict, against_baseline)),
+        "worst-case": lambda: _worst_case(results, verdict, sink),
         "comparisons": lambda: _comparisons(results, list(compare)),
         "resistance-curves": lambda: _resistance(results, verdict, phi_used, sink),
         "stability": lambda: _stability(results, verdict, epsilon_used, sink),

@@ -125,6 +125,56 @@ def resistance_curves(results: dict, phi: float) -> Figure | None:
     return fig
 
 
+def _plotted(trial: dict | None) -> bool:
+    """Whether a search trial has a point: a finite harmfulness and utility ratio."""
+    trial = trial or {}
+    values = ((trial.get("harmfulness") or {}).get("mean"), (trial.get("utility") or {}).get("ratio"))
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+@_styled
+def search_scatter(results: dict) -> Figure | None:
+    """Every search trial's validation harmfulness against its utility (a multiple of the defended
+    model's): one panel per searched defence, the bound dashed, the worst case starred."""
+    searches = results.get("search") or {}
+    panels = [(d, s) for d, s in searches.items() if any(_plotted(t) for t in s.get("trials") or [])]
+    if not panels:
+        return None
+    rows, cols = _grid(len(panels))
+    fig = _figure(4.2 * cols, 3.3 * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    colour = colour_map(results)
+    for ax, (defence, search) in zip(axes.flat, panels, strict=False):
+        trials = [t for t in search["trials"] if _plotted(t)]
+        for feasible, marker in ((True, "o"), (False, "x")):
+            chosen = [t for t in trials if bool(t.get("feasible")) == feasible]
+            ax.scatter([t["utility"]["ratio"] for t in chosen], [t["harmfulness"]["mean"] for t in chosen],
+                       marker=marker, s=30, color=colour(defence), linewidths=1.5 if not feasible else 0)
+        if _plotted(best := search.get("best")):
+            ax.scatter([best["utility"]["ratio"]], [best["harmfulness"]["mean"]], marker="*", s=220,
+                       facecolors="none", edgecolors="#111827", linewidths=1.2)
+        bound = search.get("bound") or {}
+        if isinstance(bound.get("limit"), (int, float)):
+            ax.axvline(bound["limit"], color="#b91c1c", linestyle="--", linewidth=1.2)
+        ratios = [t["utility"]["ratio"] for t in trials]
+        if min(ratios) > 0 and max(ratios) / min(ratios) > 50:
+            ax.set_xscale("log")  # a trial that broke the model far past the bound
+        ax.set_title(f"{defence}: {len(trials)} trials")
+        ax.set_xlabel(f"{bound.get('metric', 'utility')} / the defended model's")
+        ax.set_ylim(0, 1)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("harmfulness (validation slice)")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], color=_GREY, marker="o", linestyle="", label="kept the bound"),
+               Line2D([], [], color=_GREY, marker="x", linestyle="", label="broke the bound"),
+               Line2D([], [], color="#111827", marker="*", markerfacecolor="none", markersize=12, linestyle="",
+                      label="worst case"),
+               Line2D([], [], color="#b91c1c", linestyle="--", label="utility bound")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    return fig
+
+
 def _bars(ax, names: list[str], entries: list[dict | None], colour, fmt: str = "{:.3g}"):
     xs = list(range(len(names)))
     values = [e["value"] if e else math.nan for e in entries]

@@ -19,6 +19,7 @@ from typing import Any
 
 from immunize.errors import ImmunizeError
 from immunize.report.build import (
+    SEARCH_OUTCOMES,
     _columns,
     _ordered,
     _verdict_rows,
@@ -27,6 +28,10 @@ from immunize.report.build import (
     ci_text,
     num,
     paired_cell,
+    resistance_per_budget,
+    searched_cells,
+    trial_seconds,
+    verdict_conditions,
 )
 from immunize.report.figures import metric_label
 from immunize.verdict import (
@@ -34,6 +39,7 @@ from immunize.verdict import (
     NA,
     baseline,
     harm_outcome,
+    hyperparameters_text,
     outcome_text,
     reading_text,
     spread_text,
@@ -43,7 +49,8 @@ from immunize.verdict import (
 # The figures of report/figures/ a write-up shows (build.py's FigureSink names): the resistance
 # curves and the depth analysis.
 DOC_FIGURES = ("resistance_curves", "weight_distance", "pca", "logit_lens")
-BLOCKS = ("main-table", "verdict-table", "stability-table", "held-out-table", "comparisons-table", "run-table")
+BLOCKS = ("main-table", "verdict-table", "worst-case-table", "stability-table", "held-out-table", "comparisons-table",
+          "run-table")
 # Provenance rows of the run table: the packages whose versions change the numbers.
 _VERSIONS = (("python", "Python"), ("immunize", "immunize"), ("torch", "torch"), ("transformers", "transformers"),
              ("accelerate", "accelerate"), ("peft", "peft"), ("trl", "trl"), ("lm_eval", "lm-eval"))
@@ -160,7 +167,7 @@ def _header(results: dict) -> list[str]:
 def _main_table(results: dict, verdict: dict[str, dict]) -> str:
     def paired(defence: str):
         resistance = (verdict.get(defence) or {}).get("resistance") or {}
-        per_budget = resistance.get("per_budget") or {}
+        per_budget = resistance_per_budget(verdict.get(defence) or {})
         return lambda key: (resistance.get("pre_attack") if key == "pre_attack"
                             else (per_budget.get(key) or {}).get("paired"))
 
@@ -194,14 +201,50 @@ def _verdict_table(results: dict, rows: list[dict]) -> str:
             text += "".join(f"<br>{md(name)}: {md(status)}" for name, status in budget_outcomes(part))
         return text
 
-    conditions = ("resistance", "stability", "generalization", "trainability")
-    body = [[md(row.get("defence", "?")), *(status(row, k) for k in conditions),
+    conditions = verdict_conditions(results)
+    body = [[md(row.get("defence", "?")), *(status(row, k) for k, _ in conditions),
              md(row.get("immunized", NA)), md(row.get("immunized_reason", ""))] for row in rows]
     phi, epsilon = _thresholds(results, rows)
-    return _table(["Defence", "Resistance", "Stability", "Generalization", "Trainability", "Immunized", "Why"],
+    worst = (" Worst-case resistance: resistance under each defence's searched worst case, a condition of "
+             "immunized too." if results.get("search") else "")
+    return _table(["Defence", *(title for _, title in conditions), "Immunized", "Why"],
                   body, f"The verdict of the run, with φ = {phi:g} and ε = {epsilon:g}; resistance: overall, "
                         "then per budget" + (" (under several attack seeds: the worst seed's)."
-                                             if _several_seeds(results) else "."))
+                                             if _several_seeds(results) else ".") + worst)
+
+
+def _worst_case_table(results: dict, verdict: dict[str, dict]) -> str:
+    """Per defence, what its worst-case search found: the searched budgets' harmfulness on the
+    evaluation prompts (worst seed, CI, spread), the hyperparameters, the best trial on the
+    validation slice, the trials and their cost, and the verdict's worst-case resistance."""
+    searches = results.get("search") or {}
+    if not searches:
+        return "_No worst-case search in this run._"
+    rows = []
+    for defence in _ordered(results["defences"], searches):
+        search = searches[defence]
+        column, cells = searched_cells(results, defence)
+        worst = "—"
+        if column is not None and search.get("budgets"):
+            _, cell = column.pick(cells)
+            worst = _value(cell, "mean") + (f"<br>{spread_text(seeds)}" if (seeds := column.spread(cells)) else "")
+        best = search.get("best") or {}
+        harm = best.get("harmfulness") or {}
+        validation = _value({"mean": harm.get("mean"), "ci": harm.get("ci95"), "n": harm.get("n")}, "mean") \
+            if harm else "—"
+        done = [t for t in search.get("trials") or [] if t.get("state") == "complete"]
+        condition = (verdict.get(defence) or {}).get("worst_case_resistance") or {}
+        rows.append([md(defence), md(SEARCH_OUTCOMES.get(search.get("status"), search.get("status"))), worst,
+                     md(hyperparameters_text(best.get("params")) or "—"), validation,
+                     f"{sum(bool(t.get('feasible')) for t in done)} of {len(done)}", _clock(trial_seconds(search)),
+                     md(condition.get("status", NA))])
+    return _table(["Defence", "Search", "Worst-case harmfulness [95 % CI]", "Hyperparameters",
+                   "Best trial (validation) [95 % CI]", "Trials within the bound", "Search time",
+                   "Worst-case resistance"], rows,
+                  "Per defence, the most harmful trial of its search that kept the utility bound, re-run under each "
+                  "seed of the search and evaluated on the held-out prompts: the most harmful seed's mean "
+                  "harmfulness [95 % CI], n prompts, and the spread over seeds. Best trial: its harmfulness on the "
+                  "search's validation slice.")
 
 
 def _stability_table(results: dict, rows: list[dict]) -> str:
@@ -302,6 +345,7 @@ def markdown_blocks(results: dict) -> dict[str, str]:
     rows, _ = _verdict_rows(results, None, None)
     verdict = {row.get("defence"): row for row in rows}
     return {"main-table": _main_table(results, verdict), "verdict-table": _verdict_table(results, rows),
+            "worst-case-table": _worst_case_table(results, verdict),
             "stability-table": _stability_table(results, rows),
             "held-out-table": _held_out_table(results, verdict),
             "comparisons-table": _comparisons_table(results), "run-table": _run_table(results)}

@@ -17,7 +17,9 @@ from immunize.io import read_json
 SCHEMA_VERSION = "immunize.results/1"
 REQUIRED = ("schema", "run", "defences", "budgets", "harmfulness")
 OPTIONAL_DICTS = ("settings", "models", "defence_info", "generalization", "curves", "stability", "trainability",
-                  "toxicity", "analysis", "training")
+                  "toxicity", "analysis", "training", "search")
+# A search's result (immunize.attacks.search.search_result) says how it ended.
+SEARCH_STATUSES = ("worst_case", "no_feasible_trial", "no_capability")
 OPTIONAL_LISTS = ("samples", "verdict", "comparisons", "budget_groups")
 
 
@@ -120,6 +122,8 @@ def validate_results(results: Any, source: str | Path = "results.json") -> dict:
                 check.number(budget[key], f"budgets[{i}].{key}")
         if budget.get("group") is not None:
             check.kind(budget["group"], str, f"budgets[{i}].group")
+        if budget.get("searched") is not None:
+            check.kind(budget["searched"], bool, f"budgets[{i}].searched")
     if len(set(ids)) != len(ids):
         check.fail("budgets", "duplicate budget ids")
     if results.get("budget_groups") is not None:
@@ -165,6 +169,8 @@ def validate_results(results: Any, source: str | Path = "results.json") -> dict:
         for key, cell in check.kind(cells, dict, f"toxicity.{defence}").items():
             check.cell(cell, f"toxicity.{defence}.{key}")
     _check_analysis(check, results.get("analysis") or {})
+    for defence, search in (results.get("search") or {}).items():
+        _check_search(check, search, results, f"search.{defence}")
     for defence, logs in (results.get("training") or {}).items():
         for key, entry in check.kind(logs, dict, f"training.{defence}").items():
             if key == "paired_refusals":
@@ -212,6 +218,42 @@ def _check_groups(check: _Checker, groups: list, budgets: list[dict]) -> None:
                                               f"{group_of[budget['id']]!r}")
     if unknown := sorted(set(group_of) - {b["id"] for b in budgets}):
         check.fail("budget_groups", f"no budget {unknown[0]!r} in budgets")
+
+
+def _check_search(check: _Checker, search: Any, results: dict, where: str) -> None:
+    """``search.<defence>``: a search result and the searched budgets its best trial was re-run as,
+    each a searched budget of ``budgets`` in the group ``group`` names."""
+    if where.removeprefix("search.") not in results["defences"]:
+        check.fail(where, f"{where.removeprefix('search.')!r} is not one of the defences")
+    check.kind(search, dict, where)
+    status = check.kind(search.get("status"), str, f"{where}.status")
+    if status not in SEARCH_STATUSES:
+        check.fail(f"{where}.status", f"{status!r} is not one of {', '.join(SEARCH_STATUSES)}")
+    for i, trial in enumerate(check.kind(search.get("trials") or [], list, f"{where}.trials")):
+        at = f"{where}.trials[{i}]"
+        check.kind(trial, dict, at)
+        check.number(trial.get("number"), f"{at}.number")
+        check.kind(trial.get("params") or {}, dict, f"{at}.params")
+        if (harm := trial.get("harmfulness")) is not None:
+            check.number(check.kind(harm, dict, f"{at}.harmfulness").get("mean"), f"{at}.harmfulness.mean")
+            check.interval(harm.get("ci95"), f"{at}.harmfulness.ci95")
+        for key in ("wall_seconds", "train_seconds"):
+            check.number(trial.get(key), f"{at}.{key}", optional=True)
+    best = search.get("best")
+    if status == "worst_case":
+        check.kind(best, dict, f"{where}.best")
+    by_id = {b["id"]: b for b in results["budgets"]}
+    groups = {g.get("id") for g in results.get("budget_groups") or []}
+    for i, budget in enumerate(check.kind(search.get("budgets") or [], list, f"{where}.budgets")):
+        at = f"{where}.budgets[{i}]"
+        check.kind(budget, dict, at)
+        bid = check.kind(budget.get("id"), str, f"{at}.id")
+        if not (by_id.get(bid) or {}).get("searched"):
+            check.fail(f"{at}.id", f"{bid!r} is not a searched budget of budgets")
+        check.number(budget.get("steps"), f"{at}.steps", optional=True)
+        check.kind(budget.get("params") or {}, dict, f"{at}.params")
+        if results.get("budget_groups") is not None and search.get("group") not in groups:
+            check.fail(f"{where}.group", f"{search.get('group')!r} is not one of budget_groups")
 
 
 def _check_comparison(check: _Checker, entry: Any, defences: list[str], where: str) -> None:
