@@ -90,7 +90,7 @@ def test_each_attack_is_evaluated_on_harmfulness_and_on_what_it_attacks():
     from immunize.pipeline.recipe import post_attack_sections
 
     assert {name: post_attack_sections(name) for name in attack_names()} == {
-        "sft": "harmfulness", "toxicity": "harmfulness,toxicity", "dpo": "harmfulness"}
+        "sft": "harmfulness", "toxicity": "harmfulness,toxicity", "dpo": "harmfulness", "rl": "harmfulness"}
 
 
 def test_budgets_that_differ_only_in_seed_form_a_group(tmp_path, tiny_checkpoint):
