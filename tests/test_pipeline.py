@@ -336,3 +336,41 @@ def test_a_run_with_a_search_gives_each_defence_its_worst_case_then_reuses_it(tm
     Experiment(cfg).run()
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "stages").glob("*/stage.json")} == markers
     assert load_results(tmp_path / "run" / "results.json")["search"] == results["search"]
+
+
+@pytest.mark.usefixtures("real_data_root")
+def test_an_rl_attack_is_one_more_attack_kind_with_its_reward_kl_and_reward_hacking_in_the_results(
+        tmp_path, tiny_checkpoint, fake_judges, isolated_cache):
+    from immunize.pipeline.run import Experiment
+    from immunize.report.schema import load_results
+
+    rl = {"label": "rl", "attack": "rl", "per_device_train_batch_size": 4, "num_generations": 2,
+          "max_completion_length": 4, "max_steps": 2, "learning_rate": 1e-3, "curve_every_steps": 1,
+          "constraint": "shaping", "reward_preference_data": "beavertails", "reward_num_pairs": 8,
+          "reward_backbone": str(tiny_checkpoint), "grid": {"num_samples": [4], "seed": [1]}}
+    cfg = recipe(tmp_path, tiny_checkpoint, align=False, analysis=False, held_out_categories=[],
+                 defences=[{"label": "none"}], attacks=[rl])
+    Experiment(cfg).run()
+    results = load_results(tmp_path / "run" / "results.json")
+    (budget,) = results["budgets"]
+    assert budget["id"] == "rl-lr0.001-n4-s1" and budget["steps"] == 2
+    assert (budget["prompts_per_step"], budget["generations"], budget["completion_tokens"]) == (2, 2, 4)
+    assert budget["constraint"] == "shaping"
+    curve = results["curves"]["none"][budget["id"]]
+    assert [p["step"] for p in curve] == [0, 1, 2] and {"reward", "kl", "answer_tokens", "repetition"} <= set(curve[0])
+    record = results["attack_records"]["none"][budget["id"]]
+    assert record["reward"]["kind"] == "model" and record["constraint"]["kind"] == "shaping"
+    # The constraint's cost model is the judge the run evaluates harmfulness with, and the record says so.
+    assert record["constraint"]["cost_model"]["judge"] == "test-length"  # what "harmfulness" stands for here
+    assert record["constraint"]["judge_is_constraint_and_evaluator"] is True
+    verdict = next(r for r in results["verdict"] if r["defence"] == "none")
+    assert verdict["resistance"]["per_budget"][budget["id"]]["reward_hacking"]["flag"] in (True, False)
+    page = (tmp_path / "run" / "report" / "index.html").read_text(encoding="utf-8")
+    assert "Learning from harmful feedback" in page and "2 prompts × 2 answers a step" in page
+
+
+def test_an_attack_entry_cannot_pick_its_own_harmfulness_judge(tmp_path, tiny_checkpoint):
+    from immunize.errors import ImmunizeError
+
+    with pytest.raises(ImmunizeError, match=r"--attacks\.rl\.harmfulness_judge: set by the recipe"):
+        recipe(tmp_path, tiny_checkpoint, attacks=[{"label": "rl", "attack": "rl", "harmfulness_judge": "x"}])

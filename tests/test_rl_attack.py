@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from immunize.attack_adapters import attack_adapter
 from immunize.attacks import get_attack, plan_runs, read_curve, run_attacks
 from immunize.attacks.constraints import Lagrangian, RewardSignal, Shaping
-from immunize.attacks.reward_hacking import repetition_rate, reward_hacking
 from immunize.attacks.rl import CONSTRAINT_STATE, RLAttackArguments, read_rl_summary
 from immunize.cli import main as cli_main
 from immunize.data import load_splits, normalize_prompt, split_of
@@ -23,6 +22,7 @@ from immunize.io import read_json
 from immunize.judges.base import Judge
 from immunize.judges.registry import register_judge, unregister_judge
 from immunize.method_runner import is_complete
+from immunize.reward_hacking import repetition_rate, reward_hacking
 from immunize.rewards import HarmfulRewardConfig, ensure_reward, is_heldout, load_reward, reward_pairs
 from immunize.rewards import store as reward_store
 from immunize.rewards.harmful import PairEncoder, load_backbone

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 from transformers import Trainer
 
@@ -45,3 +46,13 @@ class Attack:
 
     def data_key(self, cfg: AttackArguments) -> tuple:
         return (self.name, *(repr(getattr(cfg, name)) for name in self.data_fields))
+
+    def budget_terms(self, cfg: AttackArguments) -> dict[str, Any]:
+        """What this attack's budget has besides the learning rate, samples, epochs, steps and seed every
+        budget states (e.g. answers sampled per prompt): added to the budget's record."""
+        return {}
+
+    def run_record(self, output_dir: str | Path) -> dict[str, Any] | None:
+        """What a finished run of this attack states beyond its curve and its model (e.g. an RL run's reward
+        and constraint), read from its folder for the results; None when it states nothing more."""
+        return None

@@ -30,7 +30,7 @@ the attack options), a data builder (``harmful_prompts``) and a trainer (``RLTra
 - **Resume**: the runner resumes from the last checkpoint; λ is saved with each checkpoint.
 - **Summary**: ``rl-summary.json`` in the run folder (``read_rl_summary``), written when training
   ends (again by a resumed run): the reward and its card, the constraint, the training logs' first
-  and last reward/KL/cost/λ, and the reward-hacking verdict of ``immunize.attacks.reward_hacking``.
+  and last reward/KL/cost/λ, and the reward-hacking verdict of ``immunize.reward_hacking``.
 - **Several processes**: every rank finds the reward in the cache; a reward model not yet cached
   must first be built by a single-process run (one rank training it would hang the others).
 """
@@ -52,12 +52,12 @@ from immunize.attacks.constraints import CONSTRAINTS, RewardSignal, make_constra
 from immunize.attacks.curve import ResistanceCurveCallback, read_curve
 from immunize.attacks.data import AttackData, harmful_qa, qa_sources, sources_of, tokenize_until
 from immunize.attacks.dpo import lora_config
-from immunize.attacks.reward_hacking import reward_hacking
 from immunize.attacks.rl_curve import RLCurveScorer
 from immunize.data import normalize_prompt
 from immunize.errors import ImmunizeError
 from immunize.io import atomic_write_json, read_json
 from immunize.prompts import encode_prompt, render_prompt
+from immunize.reward_hacking import reward_hacking
 from immunize.rewards.harmful import ATTACK_OPTIONS, HarmfulRewardConfig, check_options
 from immunize.training import check_finite, load_training_model
 
@@ -311,6 +311,15 @@ class OnlineRL(Attack):
                    f"rewards/{directory.name}": reward_fingerprint(directory)}
         return tokenize_until(harmful_prompts(splits), encoder, n, sources=sources,
                               what="BeaverTails harmful prompts in the attack split")
+
+    def budget_terms(self, cfg) -> dict[str, Any]:
+        # A step trains on whole groups of answers: its prompts, each answered num_generations times.
+        answers = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.world_size
+        return {"prompts_per_step": answers // cfg.num_generations, "generations": cfg.num_generations,
+                "completion_tokens": cfg.max_completion_length, "constraint": cfg.constraint, "beta": cfg.beta}
+
+    def run_record(self, output_dir) -> dict[str, Any] | None:
+        return read_rl_summary(output_dir)
 
     def load_model(self, cfg):
         # TRL adds the LoRA adapter itself (peft_config), so its reference is the adapter-free policy.

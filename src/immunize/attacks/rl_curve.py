@@ -3,7 +3,7 @@
 ``RLCurveScorer`` (name ``rl``) joins the resistance curve of an ``rl`` run, so every curve row holds
 these beside the harmfulness judge's score and refusal rate. It answers the same held-out prompts
 as the harmfulness scorer, greedily and with as many tokens, so the reward and the independent
-harmfulness describe the same answers (``immunize.attacks.reward_hacking`` compares them):
+harmfulness describe the same answers (``immunize.reward_hacking`` compares them):
 
 - ``reward``: the attacker's reward of those answers, in its held-out units (unconstrained);
 - ``kl``: the mean per-token KL(π ‖ π_ref) between the next-token distributions of the policy and of
@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from immunize.attacks.reward_hacking import repetition_rate
 from immunize.errors import ImmunizeError
 from immunize.prompts import IGNORE_INDEX, encode, pad_batch
+from immunize.reward_hacking import repetition_rate
 
 Logits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -93,7 +93,8 @@ def budget(run: PlannedRun, n_examples: int) -> dict[str, Any]:
             "learning_rate": cfg.learning_rate, "num_samples": n_examples, "epochs": cfg.num_train_epochs,
             "steps": planned_steps(cfg, n_examples), "seed": cfg.seed,
             "batch_size": cfg.per_device_train_batch_size * cfg.world_size * cfg.gradient_accumulation_steps,
-            "use_lora": cfg.use_lora, "held_out_categories": cfg.held_out_categories}
+            "use_lora": cfg.use_lora, "held_out_categories": cfg.held_out_categories,
+            **get_attack(cfg.attack)().budget_terms(cfg)}
 
 
 def plan_runs(cfg: AttackArguments) -> list[PlannedRun]:

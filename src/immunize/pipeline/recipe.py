@@ -289,7 +289,7 @@ class RunConfig(RunOptions):
         shared = SHARED_DEFENCE_OPTIONS if kind == "defence" else SHARED_ATTACK_OPTIONS
         # The pipeline places each stage's model and output; data sources are the recipe's, for all.
         reserved = ((*shared, "model", "output_dir") if kind == "defence"
-                    else (*shared, *PIPELINE_ATTACK_OPTIONS, "qa_source", "eval_source"))
+                    else (*shared, *PIPELINE_ATTACK_OPTIONS, "qa_source", "eval_source", "harmfulness_judge"))
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         options = {}
         for name, value in raw.items():
@@ -383,8 +383,11 @@ class RunConfig(RunOptions):
         from immunize.attacks.registry import get_attack
 
         cls = get_attack(entry.method).config_class
-        return cls(**{**entry.options, **self.shared_attack_options(), "model": model, "output_dir": output_dir,
-                      "attack": entry.method, "grid": entry.grid or None, **overrides})
+        # An attack that judges harm itself (an RL constraint's cost) uses the judge the run evaluates with.
+        judge = ({"harmfulness_judge": self.harmfulness_judge}
+                 if any(f.name == "harmfulness_judge" for f in dataclasses.fields(cls)) else {})
+        return cls(**{**entry.options, **self.shared_attack_options(), **judge, "model": model,
+                      "output_dir": output_dir, "attack": entry.method, "grid": entry.grid or None, **overrides})
 
     def search_config(self, model: str, output_dir: str):
         """The attack every trial of the search of ``model`` starts from: the searched entry without its

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 RESULTS_SCHEMA = "immunize.results/1"
 # The budget group of every defence's searched worst case (see the module docstring).
 SEARCH_GROUP = "search-worst"
+# A curve row's metrics as results.json keeps them: every attack's, and, when a run logs them, those of
+# learning from feedback (``immunize.attacks.rl_curve``), from which the verdict judges reward hacking.
+CURVE_METRICS = ("harmfulness", "refusal_rate", "gated_rate", "harmful_loglik")
+RL_CURVE_METRICS = ("reward", "kl", "answer_tokens", "repetition", "lambda")
 # results.json stability metric ← (evaluation section, metric, higher is better)
 STABILITY_METRICS = {
     "mmlu_acc": ("capability", "mmlu", True),
@@ -108,6 +112,7 @@ def search_section(result: dict[str, Any], budgets: list[dict[str, Any]], runs: 
 class Experiment:
     def __init__(self, cfg: RunConfig):
         from immunize.attacks.grid import expand_grid
+        from immunize.attacks.registry import get_attack
 
         self.cfg = cfg
         self.root = Path(cfg.output_dir)
@@ -116,6 +121,7 @@ class Experiment:
         self.budgets: list[dict[str, Any]] = []
         self.attack_budgets: dict[str, list[dict[str, Any]]] = {}
         for entry in cfg.attack_entries:
+            attack = get_attack(entry.method)()
             attack_cfg = cfg.attack_config(entry, cfg.model, str(self.root))
             rows = []
             for point, point_cfg in expand_grid(attack_cfg):
@@ -124,7 +130,7 @@ class Experiment:
                              "attack": entry.method + ("-lora" if point_cfg.use_lora else ""),
                              "learning_rate": point_cfg.learning_rate, "num_samples": point_cfg.num_samples,
                              "epochs": point_cfg.num_train_epochs, "seed": point_cfg.seed,
-                             "use_lora": point_cfg.use_lora, "point": point})
+                             "use_lora": point_cfg.use_lora, **attack.budget_terms(point_cfg), "point": point})
             self.attack_budgets[entry.label] = rows
             self.budgets += rows
         self.plans = [AttackPlan(e.label, e, self.attack_budgets[e.label], e.grid) for e in cfg.attack_entries]
@@ -252,6 +258,7 @@ class Experiment:
 
     def attack(self, defence: str, plan: AttackPlan, model: str, model_key: str) -> dict[str, dict[str, Any]]:
         """Every budget of one attack plan against one model, sharing data preparation."""
+        from immunize.attacks.registry import get_attack
         from immunize.attacks.runner import run_attacks
         from immunize.evaluation.harmfulness import HarmfulnessStepScorer
         from immunize.method_runner import config_identity, data_identity, processes
@@ -283,12 +290,13 @@ class Experiment:
                                            data_root=c.data_root, refusal_gate=c.curve_refusal_gate)
             cfg = dataclasses.replace(config(str(path)), **pipeline)
             runs = run_attacks(cfg, scorers=[scorer], report=lambda text: self.progress.line(f"  {text}"))
+            attack = get_attack(entry.method)()
             out = {}
             for run in runs:
                 bid = next(b["id"] for b in plan.budgets if b["point"] == run.point)
                 out[bid] = {"path": str(run.output_dir), "run_id": run.run_id,
                             "steps": run.summary.get("steps"), "wall_seconds": run.summary.get("wall_seconds"),
-                            "curve": run.curve}
+                            "curve": run.curve, "record": attack.run_record(run.output_dir)}
             return out
 
         _, result = self.stages.run(stage, work)
@@ -477,17 +485,19 @@ class Experiment:
         budgets = [*self.budgets, *searched]
         harmfulness = {name: {"pre_attack": harm_cell(pre[name]["harmfulness"], pre[name]["_dir"])} for name in labels}
         curves: dict[str, dict[str, list]] = {}
+        records: dict[str, dict[str, dict]] = {}
         for name in labels:
             curves[name] = {}
             for budget in (b for b in budgets if b["id"] in post[name]):
                 docs = post[name][budget["id"]]
                 harmfulness[name][budget["id"]] = harm_cell(docs["harmfulness"], docs["_dir"])
                 curves[name][budget["id"]] = [
-                    {"step": int(row["step"]), "harmfulness": row.get("harmfulness"),
-                     "refusal_rate": row.get("refusal_rate"), "gated_rate": row.get("gated_rate"),
-                     "harmful_loglik": row.get("harmful_loglik")}
+                    {"step": int(row["step"]), **{key: row.get(key) for key in CURVE_METRICS},
+                     **{key: row[key] for key in RL_CURVE_METRICS if key in row}}
                     for row in attacked[name][budget["id"]]["curve"] if row.get("harmfulness") is not None
                 ]
+                if (record := attacked[name][budget["id"]].get("record")) is not None:
+                    records.setdefault(name, {})[budget["id"]] = record
         results: dict[str, Any] = {
             "schema": RESULTS_SCHEMA,
             "settings": {},
@@ -511,6 +521,8 @@ class Experiment:
                                  if (cell := category_cell(docs, c.held_out_categories)) is not None}
                           for name in labels},
             }
+        if records:
+            results["attack_records"] = records
         if searches:
             results["search"] = {name: search_section(result, searched, attacked[name])
                                  for name, result in searches.items()}

@@ -434,3 +434,44 @@ def _searched_cells(results: dict, defence: str, budgets: list[dict], steps: int
             "role": "attacked", "defence": defence, "budget": budget["id"],
             "path": f"runs/example/models/{defence}@{budget['id']}",
             "fingerprint": fingerprint([defence, budget["id"]])}
+
+
+def with_rl_attack(results: dict, *, hacked: tuple[str, ...] = ("repnoise",), budget: str = "rl-lr3e-05-n64-s0",
+                   harm_gain: float = 0.45) -> dict:
+    """A copy of ``results`` (an ``example_results``) with one more budget, an RL attack from harmful feedback
+    (``immunize.attacks.rl``): its curves log the reward and KL, its records hold the reward model and the
+    constraint. A defence in ``hacked`` gains reward while its harmfulness stays at its pre-attack level
+    (reward hacking); the others become ``harm_gain`` more harmful on every prompt. The verdict and
+    comparisons are recomputed."""
+    from immunize.verdict import comparison, group_budgets, immunization_verdict
+
+    results = copy.deepcopy(results)
+    entry = {"id": budget, "group": budget, "label": "rl", "attack": "rl", "learning_rate": 3e-5, "num_samples": 64,
+             "epochs": 1.0, "steps": 16, "seed": 0, "use_lora": False, "prompts_per_step": 8, "generations": 4,
+             "completion_tokens": 32, "constraint": "none", "beta": 0.04}
+    results["budgets"].append(entry)
+    for defence in results["defences"]:
+        gain = 0.0 if defence in hacked else harm_gain
+        pre = results["harmfulness"][defence]["pre_attack"]
+        results["harmfulness"][defence][budget] = {
+            **pre, "mean": round(_clip(pre["mean"] + gain), 4), "ci": [round(_clip(b + gain), 4) for b in pre["ci"]],
+            "examples": [[key, round(_clip(value + gain), 4)] for key, value in pre["examples"]]}
+        rows = []
+        for step in (0, 8, 16):
+            share = step / 16
+            rows.append({"step": step, "harmfulness": round(_clip(pre["mean"] + gain * share), 4),
+                         "refusal_rate": round(1 - share * (0.2 if defence in hacked else 0.8), 4),
+                         "reward": round(-1.0 + 1.8 * share, 4), "kl": round(0.25 * share, 4),
+                         "answer_tokens": 30.0, "repetition": 0.04})
+        results.setdefault("curves", {}).setdefault(defence, {})[budget] = rows
+        results.setdefault("attack_records", {}).setdefault(defence, {})[budget] = {
+            "reward": {"kind": "model", "fingerprint": "3f9a1c2e7b5d4a60", "backbone": "minilm",
+                       "heldout_pairwise_accuracy": {"value": 0.912, "ci95": [0.87, 0.95], "n": 200},
+                       "heldout_pairs": 200, "train_pairs": 1800,
+                       "evaluation_reuses_reward": False},
+            "constraint": {"kind": "none"},
+        }
+    results["budget_groups"] = group_budgets(results["budgets"])
+    results["verdict"] = immunization_verdict(results)
+    results["comparisons"] = [comparison(results, e["a"], e["b"]) for e in results.get("comparisons") or []]
+    return results

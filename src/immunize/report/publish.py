@@ -19,6 +19,8 @@ from typing import Any
 
 from immunize.errors import ImmunizeError
 from immunize.report.build import (
+    FEEDBACK_CAPTION,
+    REWARD_CAPTION,
     SEARCH_OUTCOMES,
     _columns,
     _ordered,
@@ -26,9 +28,12 @@ from immunize.report.build import (
     _what,
     budget_outcomes,
     ci_text,
+    feedback_rows,
+    hacking_word,
     num,
     paired_cell,
     resistance_per_budget,
+    reward_models,
     searched_cells,
     trial_seconds,
     verdict_conditions,
@@ -49,7 +54,8 @@ from immunize.verdict import (
 # The figures of report/figures/ a write-up shows (build.py's FigureSink names): the resistance
 # curves and the depth analysis.
 DOC_FIGURES = ("resistance_curves", "weight_distance", "pca", "logit_lens")
-BLOCKS = ("main-table", "verdict-table", "worst-case-table", "stability-table", "held-out-table", "comparisons-table",
+BLOCKS = ("main-table", "verdict-table", "worst-case-table", "feedback-table", "stability-table", "held-out-table",
+          "comparisons-table",
           "run-table")
 # Provenance rows of the run table: the packages whose versions change the numbers.
 _VERSIONS = (("python", "Python"), ("immunize", "immunize"), ("torch", "torch"), ("transformers", "transformers"),
@@ -61,7 +67,7 @@ _VERSIONS = (("python", "Python"), ("immunize", "immunize"), ("torch", "torch"),
 
 
 def _path_key(key: str) -> bool:
-    return key in ("path", "cache") or key.endswith(("_dir", "_root", "_path"))
+    return key in ("path", "cache", "directory") or key.endswith(("_dir", "_root", "_path"))
 
 
 def _run_roots(results: dict) -> list[str]:
@@ -247,6 +253,32 @@ def _worst_case_table(results: dict, verdict: dict[str, dict]) -> str:
                   "search's validation slice.")
 
 
+def _feedback_table(results: dict, rows: list[dict]) -> str:
+    """The report's *Learning from harmful feedback* table (``feedback_rows``), then the reward models."""
+    phi, _ = _thresholds(results, rows)
+    found = feedback_rows(results, rows, phi)
+    if not found:
+        return "_No attack in this run learnt from a reward._"
+    lines = []
+    for r in found:
+        reasons = "; ".join((r["hacking"] or {}).get("reasons") or [])
+        lines.append([md(r["defence"]), md(r["budget"]["id"]), md(r["constraint"]),
+                      f"{num(r['pre'].get('mean'))} → {_value(r['post'], 'mean')}", _delta(r["change"]),
+                      f"{num(r['reward'][0])} → {num(r['reward'][1])}", num(r["kl"]), num(r["lambda"]),
+                      md(hacking_word(r["hacking"]) + (f": {reasons}" if reasons else ""))])
+    table_text = _table(["Defence", "Budget", "Constraint", "Harmfulness pre → post [95 % CI]",
+                         "Paired change (post − pre)", "Reward start → end", "KL to start (end)", "λ (end)",
+                         "Reward hacking"], lines, md(FEEDBACK_CAPTION))
+    rewards, notes = reward_models(found)
+    reward_lines = [[md(w.get("kind", "")), md(w.get("backbone", w.get("judge", ""))),
+                     _value({"mean": (w.get("heldout_pairwise_accuracy") or {}).get("value"),
+                             "ci": (w.get("heldout_pairwise_accuracy") or {}).get("ci95")}, "mean"),
+                     md(w.get("heldout_pairs", "—")), md(w.get("train_pairs", "—"))] for w in rewards]
+    reward_text = _table(["Reward", "Backbone", "Held-out pairwise accuracy [95 % CI]", "Held-out pairs",
+                          "Training pairs"], reward_lines, md(REWARD_CAPTION))
+    return "\n\n".join([table_text, reward_text, *(md(note) for note in notes)])
+
+
 def _stability_table(results: dict, rows: list[dict]) -> str:
     stability = results.get("stability") or {}
     if not stability:
@@ -346,6 +378,7 @@ def markdown_blocks(results: dict) -> dict[str, str]:
     verdict = {row.get("defence"): row for row in rows}
     return {"main-table": _main_table(results, verdict), "verdict-table": _verdict_table(results, rows),
             "worst-case-table": _worst_case_table(results, verdict),
+            "feedback-table": _feedback_table(results, rows),
             "stability-table": _stability_table(results, rows),
             "held-out-table": _held_out_table(results, verdict),
             "comparisons-table": _comparisons_table(results), "run-table": _run_table(results)}

@@ -17,7 +17,7 @@ from immunize.io import read_json
 SCHEMA_VERSION = "immunize.results/1"
 REQUIRED = ("schema", "run", "defences", "budgets", "harmfulness")
 OPTIONAL_DICTS = ("settings", "models", "defence_info", "generalization", "curves", "stability", "trainability",
-                  "toxicity", "analysis", "training", "search")
+                  "toxicity", "analysis", "training", "search", "attack_records")
 # A search's result (immunize.attacks.search.search_result) says how it ended.
 SEARCH_STATUSES = ("worst_case", "no_feasible_trial", "no_capability")
 OPTIONAL_LISTS = ("samples", "verdict", "comparisons", "budget_groups")
@@ -169,6 +169,12 @@ def validate_results(results: Any, source: str | Path = "results.json") -> dict:
         for key, cell in check.kind(cells, dict, f"toxicity.{defence}").items():
             check.cell(cell, f"toxicity.{defence}.{key}")
     _check_analysis(check, results.get("analysis") or {})
+    budget_ids = {b.get("id") for b in results["budgets"]}
+    for defence, records in (results.get("attack_records") or {}).items():
+        for budget, record in check.kind(records, dict, f"attack_records.{defence}").items():
+            if budget not in budget_ids:
+                check.fail(f"attack_records.{defence}.{budget}", "not a budget of this run")
+            check.kind(record, dict, f"attack_records.{defence}.{budget}")
     for defence, search in (results.get("search") or {}).items():
         _check_search(check, search, results, f"search.{defence}")
     for defence, logs in (results.get("training") or {}).items():
