@@ -37,6 +37,7 @@ WRITE_UPS = [
             ("main-table", "verdict-table", "held-out-table")),
     WriteUp("worst_case.md", "worst_case", "worst-case", "recipes/worst_case.yaml",
             ("main-table", "verdict-table", "worst-case-table")),
+    WriteUp("rlhf.md", "rlhf", "rlhf", "recipes/rlhf.yaml", ("main-table", "verdict-table", "feedback-table")),
 ]
 
 
