@@ -77,6 +77,18 @@ def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+def _panels(n: int, panel_width: float, panel_height: float, *, max_cols: int = 3, extra_width: float = 0.0,
+            extra_height: float = 0.0, sharey: bool = False):
+    """A figure with ``n`` panels in a grid (rows × at most ``max_cols``), the grid's unused cells hidden:
+    (figure, axes as a 2-D array); draw on ``zip(axes.flat, items)``."""
+    rows, cols = _grid(n, max_cols)
+    fig = _figure(panel_width * cols + extra_width, panel_height * rows + extra_height)
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=sharey)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
 def _styled(fn):
     """Run a figure builder under the report's rc settings (they apply when artists are created)."""
     def wrapper(*args, **kwargs):
@@ -97,9 +109,7 @@ def resistance_curves(results: dict, phi: float) -> Figure | None:
                if any(b["id"] in (curves.get(d) or {}) for d in results["defences"])]
     if not budgets:
         return None
-    rows, cols = _grid(len(budgets))
-    fig = _figure(4.2 * cols, 3.3 * rows + 0.4)
-    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    fig, axes = _panels(len(budgets), 4.2, 3.3, extra_height=0.4, sharey=True)
     colour = colour_map(results)
     for ax, budget in zip(axes.flat, budgets, strict=False):
         for defence in results["defences"]:
@@ -115,8 +125,6 @@ def resistance_curves(results: dict, phi: float) -> Figure | None:
         ax.set_ylim(0, 1)
     for ax in axes[:, 0]:
         ax.set_ylabel("mean harmfulness (0–1)")
-    for ax in list(axes.flat)[len(budgets):]:
-        ax.set_visible(False)
     handles = [Line2D([], [], color=colour(d), marker="o", label=d) for d in results["defences"]]
     handles.append(Line2D([], [], color="#b91c1c", linestyle="--", label="threshold φ"))
     # Several rows of legend rather than one wider than the figure.
@@ -140,9 +148,7 @@ def search_scatter(results: dict) -> Figure | None:
     panels = [(d, s) for d, s in searches.items() if any(_plotted(t) for t in s.get("trials") or [])]
     if not panels:
         return None
-    rows, cols = _grid(len(panels))
-    fig = _figure(4.2 * cols, 3.3 * rows + 0.4)
-    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    fig, axes = _panels(len(panels), 4.2, 3.3, extra_height=0.4, sharey=True)
     colour = colour_map(results)
     for ax, (defence, search) in zip(axes.flat, panels, strict=False):
         trials = [t for t in search["trials"] if _plotted(t)]
@@ -164,8 +170,6 @@ def search_scatter(results: dict) -> Figure | None:
         ax.set_ylim(0, 1)
     for ax in axes[:, 0]:
         ax.set_ylabel("harmfulness (validation slice)")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
     handles = [Line2D([], [], color=_GREY, marker="o", linestyle="", label="kept the bound"),
                Line2D([], [], color=_GREY, marker="x", linestyle="", label="broke the bound"),
                Line2D([], [], color="#111827", marker="*", markerfacecolor="none", markersize=12, linestyle="",
@@ -232,9 +236,7 @@ def stability_bars(results: dict) -> Figure | None:
     metrics = list(dict.fromkeys(m for d in defences for m in stability[d]))
     if not metrics:
         return None
-    rows, cols = _grid(len(metrics), 5)
-    fig = _figure(2.3 * cols + 0.6, 2.9 * rows)
-    axes = fig.subplots(rows, cols, squeeze=False)
+    fig, axes = _panels(len(metrics), 2.3, 2.9, max_cols=5, extra_width=0.6)
     colour = colour_map(results)
     for ax, metric in zip(axes.flat, metrics, strict=False):
         entries = [stability[d].get(metric) for d in defences]
@@ -243,8 +245,6 @@ def stability_bars(results: dict) -> Figure | None:
         title, unit = metric_label(metric)
         ax.set_title(f"{title} ({'↑' if higher else '↓'} better)")
         ax.set_ylabel(unit)
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.set_visible(False)
     return fig
 
 
